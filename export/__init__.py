@@ -1,0 +1,1 @@
+"""Model export: torch -> ONNX (checked against torch) -> Triton model repository."""

@@ -1,0 +1,50 @@
+"""Triton python-backend model `text_encoder` (CPU flavour): raw text -> embedding.
+
+Tokenisation happens here, so clients send plain UTF-8 text (TEXT, BYTES [1]) and never need
+the tokenizer. The ONNX graph next to this file runs on onnxruntime. Requests gathered by
+Triton's dynamic batcher are run as one onnxruntime batch.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+from icl.text.tokenizer import ClipTokenizer
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        path = Path(args["model_repository"]) / args["model_version"] / params["onnx_file"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.tokenizer = ClipTokenizer(self.session.get_inputs()[0].shape[1])
+
+    def execute(self, requests):
+        texts, owners, responses = [], [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            raw = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+            try:
+                decoded = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in raw]
+            except UnicodeDecodeError as exc:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"TEXT is not valid UTF-8: {exc}")
+                )
+                continue
+            texts.extend(decoded)
+            owners.append((i, len(decoded)))
+        if texts:
+            ids = self.tokenizer(texts)
+            embeddings = self.session.run(["embedding"], {"input_ids": ids})[0]
+            start = 0
+            for i, count in owners:
+                out = pb_utils.Tensor("EMBEDDING", embeddings[start : start + count].astype(np.float32))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+                start += count
+        return responses

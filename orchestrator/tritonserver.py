@@ -1,0 +1,191 @@
+"""Launch and supervise the real `tritonserver` binary that the nvidia-pytriton wheel ships.
+
+That wheel carries Triton 2.51 with only the python backend, which is all the CPU flavour
+needs. Three details make it work from a virtualenv (see docs/platform.md):
+- the python backend stub must sit in `backends/python/` (copied there once, so its RPATH
+  into the wheel keeps working);
+- the stub must run this interpreter's environment: the venv's `bin` goes first on PATH;
+- the stub must load this interpreter's libpython: its LIBDIR goes first on LD_LIBRARY_PATH.
+Each launch uses its own shared-memory prefix, so stopping a server removes exactly the
+/dev/shm regions it created, even after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_LOAD_FAILURE_MARKERS = ("failed to load", "Invalid argument", "error:", "unexpected")
+
+
+class TritonLaunchError(RuntimeError):
+    """tritonserver did not become ready; the message names the failing models."""
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:  # pragma: no cover - only without the [serve] extra
+        raise TritonLaunchError(
+            "tritonserver is not installed: install the serving extra, pip install -e '.[serve]'"
+        ) from exc
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def ensure_python_backend() -> Path:
+    """Return Triton's backend dir, with the stub for this Python copied into place."""
+    root = _pytriton_root()
+    backends = root / "backends"
+    stub = backends / "python" / "triton_python_backend_stub"
+    if not stub.exists():
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        source = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not source.exists():
+            raise TritonLaunchError(f"nvidia-pytriton ships no python backend stub for {version}")
+        tmp = stub.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copy2(source, tmp)
+        os.replace(tmp, stub)  # atomic: concurrent launchers never see half a file
+    return backends
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
+    return env
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver process on loopback ports. Use as a context manager or call stop()."""
+
+    model_repository: Path
+    log_path: Path
+    grpc_port: int = 0
+    http_port: int = 0
+    startup_timeout_s: float = 120.0
+    shm_prefix: str = field(default_factory=lambda: f"icl_{uuid.uuid4().hex[:12]}_")
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def command(self) -> list[str]:
+        backends = ensure_python_backend()
+        return [
+            str(_pytriton_root() / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=false",
+            "--pinned-memory-pool-byte-size=0",
+            "--exit-timeout-secs=5",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+        ]
+
+    def start(self) -> TritonServer:
+        if not (self.model_repository / "text_encoder").is_dir():
+            raise TritonLaunchError(f"{self.model_repository} holds no text_encoder model")
+        self.grpc_port = self.grpc_port or free_port()
+        self.http_port = self.http_port or free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_environment(),
+                start_new_session=True,  # its own process group: stop() reaches the stubs too
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise TritonLaunchError(
+                    f"tritonserver exited with code {self.process.returncode} while loading "
+                    f"{self.model_repository}: {self.failure_summary()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise TritonLaunchError(
+            f"tritonserver not ready after {self.startup_timeout_s:.0f}s: {self.failure_summary()}"
+        )
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def failure_summary(self) -> str:
+        """The log lines that say which model failed and why (or the log's tail)."""
+        lines = [ln.strip() for ln in self.log_text().splitlines() if ln.strip()]
+        bad = [ln for ln in lines if any(m in ln for m in _LOAD_FAILURE_MARKERS)]
+        bad = [ln for ln in bad if "CudaDriverHelper" not in ln]
+        picked = bad[:6] or lines[-6:]
+        return " | ".join(picked) + f" (full log: {self.log_path})"
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc is not None:
+            try:  # stub processes share the group; make sure none outlives the server
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
