@@ -1,0 +1,115 @@
+"""Request limits and checks. Every failure carries the gRPC status code a caller should get."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from icl.ports import GalleryFilter
+from icl.reid.v1 import person_search_pb2 as pb
+
+MAX_TEXT_BYTES = 4096  # far above any benchmark caption (UFine6926 averages ~80 words)
+MAX_TOP_K = 1000
+MAX_CAMERA_IDS = 256
+MAX_IDS_PER_DELETE = 10_000
+MAX_IMAGES_PER_BATCH = 256
+# Ids end up inside Milvus filter expressions: allow no quote, backslash, space or bracket.
+CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
+TRACK_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.:-]{0,63})?")
+MAX_URI_CHARS = 1024
+
+
+class InvalidRequest(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _bad(message: str) -> InvalidRequest:
+    return InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _shorten(value: str, limit: int = 40) -> str:
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def check_camera_ids(camera_ids: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    if len(camera_ids) > MAX_CAMERA_IDS:
+        raise _bad(f"{len(camera_ids)} camera ids; at most {MAX_CAMERA_IDS} per request")
+    for cam in camera_ids:
+        if not CAMERA_ID.fullmatch(cam):
+            raise _bad(f"camera id {_shorten(cam)!r} must match {CAMERA_ID.pattern}")
+    return tuple(dict.fromkeys(camera_ids))
+
+
+def _ms(ts: Timestamp) -> int:
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def check_time_range(has_range: bool, time_range: pb.TimeRange) -> tuple[int | None, int | None]:
+    if not has_range:
+        return None, None
+    start = _ms(time_range.start) if time_range.HasField("start") else None
+    end = _ms(time_range.end) if time_range.HasField("end") else None
+    if start is not None and end is not None and start > end:
+        raise _bad("time_range.start is after time_range.end")
+    return start, end
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    text: str
+    top_k: int
+    where: GalleryFilter
+
+
+def check_search(req: pb.SearchRequest) -> SearchQuery:
+    text = req.text.strip()
+    if not text:
+        raise _bad("text is empty")
+    size = len(req.text.encode("utf-8"))
+    if size > MAX_TEXT_BYTES:
+        raise _bad(f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}")
+    if not 1 <= req.top_k <= MAX_TOP_K:
+        raise _bad(f"top_k must be between 1 and {MAX_TOP_K}, got {req.top_k}")
+    cameras = check_camera_ids(list(req.camera_ids))
+    start, end = check_time_range(req.HasField("time_range"), req.time_range)
+    return SearchQuery(text, req.top_k, GalleryFilter(cameras, start, end))
+
+
+def check_gallery_image(item: pb.GalleryImage) -> str | None:
+    """The reason an enrolment item is unusable before decoding its pixels, or None."""
+    if not IMAGE_ID.fullmatch(item.image_id):
+        return f"image_id {_shorten(item.image_id)!r} must match {IMAGE_ID.pattern}"
+    if not CAMERA_ID.fullmatch(item.camera_id):
+        return f"camera_id {_shorten(item.camera_id)!r} must match {CAMERA_ID.pattern}"
+    if not TRACK_ID.fullmatch(item.track_id):
+        return f"track_id {_shorten(item.track_id)!r} must match {TRACK_ID.pattern}"
+    if len(item.image_uri) > MAX_URI_CHARS:
+        return f"image_uri is longer than {MAX_URI_CHARS} characters"
+    if not item.HasField("captured_at"):
+        return "captured_at is required"
+    return None
+
+
+def captured_at_ms(item: pb.GalleryImage) -> int:
+    return _ms(item.captured_at)
+
+
+def check_delete(req: pb.DeleteRequest) -> tuple[tuple[str, ...], GalleryFilter]:
+    if len(req.image_ids) > MAX_IDS_PER_DELETE:
+        raise _bad(f"{len(req.image_ids)} image ids; at most {MAX_IDS_PER_DELETE} per request")
+    for image_id in req.image_ids:
+        if not IMAGE_ID.fullmatch(image_id):
+            raise _bad(f"image id {_shorten(image_id)!r} must match {IMAGE_ID.pattern}")
+    cameras = check_camera_ids(list(req.camera_ids))
+    start, end = check_time_range(req.HasField("time_range"), req.time_range)
+    where = GalleryFilter(cameras, start, end)
+    if not req.image_ids and where.empty:
+        raise _bad("give image_ids, camera_ids or a time_range; an empty Delete deletes nothing")
+    return tuple(dict.fromkeys(req.image_ids)), where
