@@ -7,6 +7,7 @@ image tower `pixels` (uint8 [B, H, W, 3]) -> `embedding` (fp32 [B, D]).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,15 @@ class ParityReport:
 
 def _export(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The TorchScript exporter at opset 17 is the one TensorRT parsers handle best; its
+    # deprecation notice is not actionable here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _torch_export(module, example, input_name, path)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _torch_export(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
     torch.onnx.export(
         module,
         (example,),
@@ -50,7 +60,6 @@ def _export(module: torch.nn.Module, example: torch.Tensor, input_name: str, pat
         opset_version=OPSET,
         dynamo=False,
     )
-    onnx.checker.check_model(str(path), full_check=True)
 
 
 def _parity(tower: str, module: torch.nn.Module, path: Path, inputs: np.ndarray, name: str) -> ParityReport:

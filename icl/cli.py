@@ -39,10 +39,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load_model(checkpoint: Path | None, seed: int) -> Any:
-    from icl.models.dual_encoder import build_model, load_checkpoint
+    from icl.models.dual_encoder import load_checkpoint
+    from icl.synthetic.demo_gallery import random_demo_encoder
 
     if checkpoint is None:
-        return build_model(seed=seed)
+        return random_demo_encoder(seed)
     if not checkpoint.is_file():
         raise _fail(f"checkpoint {checkpoint} does not exist")
     return load_checkpoint(checkpoint)

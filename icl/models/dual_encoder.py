@@ -117,6 +117,24 @@ def build_model(cfg: DualEncoderConfig | None = None, seed: int = 0) -> DualEnco
     return DualEncoder(cfg or DualEncoderConfig()).eval()
 
 
+@torch.no_grad()
+def calibrate_batchnorm(model: DualEncoder, pixels: torch.Tensor) -> DualEncoder:
+    """Set batch-norm statistics from real crops (data-dependent initialisation).
+
+    An untrained image tower with default statistics maps every crop to nearly the same
+    vector; calibrated statistics spread the embeddings so rankings are well defined.
+    """
+    norms = [m for m in model.image.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batch
+    model.image.train()
+    model.image(pixels)
+    for norm in norms:
+        norm.momentum = 0.1
+    return model.eval()
+
+
 def save_checkpoint(model: DualEncoder, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, path)
@@ -134,6 +152,7 @@ __all__ = [
     "DualEncoder",
     "DualEncoderConfig",
     "build_model",
+    "calibrate_batchnorm",
     "load_checkpoint",
     "save_checkpoint",
 ]

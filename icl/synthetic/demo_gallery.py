@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from icl.images import encode_png
+from icl.images import decode_crop, encode_png
+from icl.models.dual_encoder import DualEncoder, build_model, calibrate_batchnorm
 from icl.synthetic.world import Person, caption, render, sample_person
 
 DAY_START_MS = 1_767_600_000_000  # 2026-01-05 08:00 UTC: a fixed, reproducible day
@@ -51,3 +53,15 @@ def demo_queries(seed: int = 0, count: int = 3) -> list[str]:
     people_rng = np.random.default_rng(seed)
     people = [sample_person(people_rng, i) for i in range(count)]
     return [caption(p, np.random.default_rng([seed, 2, p.person_id])) for p in people]
+
+
+def random_demo_encoder(seed: int = 0, calibration_images: int = 256) -> DualEncoder:
+    """Random-weight dual encoder with batch-norm statistics calibrated on synthetic crops.
+
+    Stands in until a trained checkpoint is given: rankings are deterministic and well
+    separated, but they do not follow the text.
+    """
+    model = build_model(seed=seed)
+    size = model.config.image_size
+    crops = [decode_crop(d.png, size) for d in demo_gallery(calibration_images, seed=seed + 7919)]
+    return calibrate_batchnorm(model, torch.from_numpy(np.stack(crops)))
