@@ -5,25 +5,16 @@ the tokenizer. The ONNX graph next to this file runs on onnxruntime. Requests ga
 Triton's dynamic batcher are run as one onnxruntime batch.
 """
 
-import json
-from pathlib import Path
-
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from icl.text.tokenizer import ClipTokenizer
+from icl.triton_models import load_onnx_session
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        path = Path(args["model_repository"]) / args["model_version"] / params["onnx_file"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = load_onnx_session(args, {"EMBEDDING": "embedding"})
         self.tokenizer = ClipTokenizer(self.session.get_inputs()[0].shape[1])
 
     def execute(self, requests):

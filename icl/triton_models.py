@@ -1,0 +1,56 @@
+"""Start-up code shared by the python-backend models in model_repository/.
+
+Loads the ONNX graph named in config.pbtxt and refuses to start when the shapes in the config
+disagree with the graph, so a wrong config fails at load time with the model's name, not at
+the first request.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+def _dims(tensor: Any) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in tensor.shape[1:]]  # drop the batch axis
+
+
+def load_onnx_session(args: dict[str, str], tensor_map: dict[str, str]) -> ort.InferenceSession:
+    """`args` as Triton passes them to initialize(); `tensor_map` maps config names to graph names.
+
+    The config's dims for each mapped tensor must equal the graph's (BYTES text inputs are
+    checked by the model itself, since tokenisation changes their shape).
+    """
+    config = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+    name = config["name"]
+    if not path.is_file():
+        raise ModelConfigError(f"model {name}: ONNX file {path} is missing")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        raise ModelConfigError(f"model {name}: cannot load {path}: {exc}") from None
+    graph = {t.name: t for t in [*session.get_inputs(), *session.get_outputs()]}
+    for tensor in [*config.get("input", []), *config.get("output", [])]:
+        graph_name = tensor_map.get(tensor["name"])
+        if graph_name is None:
+            continue
+        want = [int(d) for d in tensor["dims"]]
+        have = _dims(graph[graph_name])
+        if len(want) != len(have) or any(h not in (-1, w) for w, h in zip(want, have, strict=False)):
+            raise ModelConfigError(
+                f"model {name}: config.pbtxt gives {tensor['name']} dims {want}, but {path.name} "
+                f"has {graph_name} dims {have}"
+            )
+    return session

@@ -1,0 +1,54 @@
+"""The launcher names the model that failed to load and why, and never hangs."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from icl.orchestrator.tritonserver import TritonLaunchError
+from tests.conftest import start_triton
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _launch_fails(repo: Path, log: Path) -> str:
+    began = time.monotonic()
+    with pytest.raises(TritonLaunchError) as info:
+        start_triton(repo, log, startup_timeout_s=60)
+    assert time.monotonic() - began < 60
+    return str(info.value)
+
+
+def test_missing_onnx_file(model_repository, tmp_path):
+    repo = _copy(model_repository, tmp_path / "repo")
+    (repo / "image_encoder/1/model.onnx").unlink()
+    message = _launch_fails(repo, tmp_path / "log")
+    assert "image_encoder" in message and "model.onnx" in message
+
+
+def test_corrupt_onnx_file(model_repository, tmp_path):
+    repo = _copy(model_repository, tmp_path / "repo")
+    (repo / "text_encoder/1/model.onnx").write_bytes(b"this is not a protobuf")
+    message = _launch_fails(repo, tmp_path / "log")
+    assert "text_encoder" in message
+
+
+def test_shape_in_config_does_not_match_graph(model_repository, tmp_path):
+    repo = _copy(model_repository, tmp_path / "repo")
+    config = repo / "image_encoder/config.pbtxt"
+    config.write_text(config.read_text().replace("dims: [ 96, 32, 3 ]", "dims: [ 96, 32 ]"))
+    message = _launch_fails(repo, tmp_path / "log")
+    assert "image_encoder" in message
+
+
+def test_missing_config(model_repository, tmp_path):
+    repo = _copy(model_repository, tmp_path / "repo")
+    (repo / "text_encoder/config.pbtxt").unlink()
+    message = _launch_fails(repo, tmp_path / "log")
+    assert "text_encoder" in message
