@@ -49,7 +49,9 @@ def _export(module: torch.nn.Module, example: torch.Tensor, input_name: str, pat
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _torch_export(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
+def _torch_export(
+    module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path
+) -> None:
     torch.onnx.export(
         module,
         (example,),
@@ -62,7 +64,9 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, input_name: st
     )
 
 
-def _parity(tower: str, module: torch.nn.Module, path: Path, inputs: np.ndarray, name: str) -> ParityReport:
+def _parity(
+    tower: str, module: torch.nn.Module, path: Path, inputs: np.ndarray, name: str
+) -> ParityReport:
     with torch.no_grad():
         ref = module(torch.from_numpy(inputs)).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -77,7 +81,9 @@ def _parity(tower: str, module: torch.nn.Module, path: Path, inputs: np.ndarray,
     return report
 
 
-def export_dual_encoder(model: DualEncoder, text_path: Path, image_path: Path) -> list[ParityReport]:
+def export_dual_encoder(
+    model: DualEncoder, text_path: Path, image_path: Path
+) -> list[ParityReport]:
     """Write both towers to ONNX, validate them with onnx.checker and check parity."""
     model = model.eval()
     cfg = model.config

@@ -51,24 +51,36 @@ def _load_model(checkpoint: Path | None, seed: int) -> Any:
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Option(help="Model repository to write.")] = WORKDIR / "model_repository",
-    checkpoint: Annotated[Path | None, typer.Option(help="Dual-encoder checkpoint (default: random weights).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random weights when no checkpoint is given.")] = 0,
+    out: Annotated[Path, typer.Option(help="Model repository to write.")] = WORKDIR
+    / "model_repository",
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Dual-encoder checkpoint (default: random weights).")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the random weights when no checkpoint is given.")
+    ] = 0,
     instances: Annotated[int, typer.Option(min=1, help="Triton instances per model.")] = 1,
-    threads: Annotated[int, typer.Option(min=1, help="onnxruntime intra-op threads per instance.")] = 1,
+    threads: Annotated[
+        int, typer.Option(min=1, help="onnxruntime intra-op threads per instance.")
+    ] = 1,
     max_batch_size: Annotated[int, typer.Option(min=1)] = 64,
 ) -> None:
     """Export a dual encoder to ONNX and write a CPU-flavour Triton model repository."""
     from icl.export.onnx_export import ParityError
     from icl.export.repository import CpuServingSettings, write_repository
 
-    settings = CpuServingSettings(max_batch_size=max_batch_size, instances=instances, intra_op_threads=threads)
+    settings = CpuServingSettings(
+        max_batch_size=max_batch_size, instances=instances, intra_op_threads=threads
+    )
     try:
         reports = write_repository(_load_model(checkpoint, seed), out, settings)
     except ParityError as exc:
         raise _fail(str(exc)) from None
     for r in reports:
-        console.print(f"{r.tower} encoder: min cosine vs torch {r.min_cosine:.7f}, max |diff| {r.max_abs_diff:.1e}")
+        console.print(
+            f"{r.tower} encoder: min cosine vs torch {r.min_cosine:.7f}, "
+            f"max |diff| {r.max_abs_diff:.1e}"
+        )
     console.print(f"model repository written to {out}")
 
 
@@ -80,10 +92,12 @@ def _install_stop_signals(stop: asyncio.Event) -> None:
 
 @app.command()
 def triton(
-    model_repository: Annotated[Path, typer.Option(help="Model repository to serve.")] = WORKDIR / "model_repository",
+    model_repository: Annotated[Path, typer.Option(help="Model repository to serve.")] = WORKDIR
+    / "model_repository",
     grpc_port: Annotated[int, typer.Option(help="0: a free port.")] = 8001,
     http_port: Annotated[int, typer.Option(help="0: a free port.")] = 8000,
-    log_file: Annotated[Path, typer.Option(help="Where the server log goes.")] = WORKDIR / "tritonserver.log",
+    log_file: Annotated[Path, typer.Option(help="Where the server log goes.")] = WORKDIR
+    / "tritonserver.log",
 ) -> None:
     """Run the bundled tritonserver (CPU, python backend) on loopback until stopped."""
     from icl.orchestrator.tritonserver import TritonLaunchError, TritonServer
@@ -93,7 +107,9 @@ def triton(
         server.start()
     except TritonLaunchError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, log {log_file}")
+    console.print(
+        f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, log {log_file}"
+    )
 
     async def wait() -> None:
         stop = asyncio.Event()
@@ -108,19 +124,45 @@ def triton(
 
 @app.command()
 def serve(
-    triton_url: Annotated[str, typer.Option(envvar="ICL_TRITON_URL", help="Triton gRPC address.")] = "127.0.0.1:8001",
-    milvus_uri: Annotated[str, typer.Option(envvar="ICL_MILVUS_URI", help="Milvus Lite data dir, or http(s)://host:port of a server.")] = str(WORKDIR / "gallery.db"),
-    milvus_token: Annotated[str, typer.Option(envvar="ICL_MILVUS_TOKEN", help="user:password or API key (never logged).", show_default=False)] = "",
+    triton_url: Annotated[
+        str, typer.Option(envvar="ICL_TRITON_URL", help="Triton gRPC address.")
+    ] = "127.0.0.1:8001",
+    milvus_uri: Annotated[
+        str,
+        typer.Option(
+            envvar="ICL_MILVUS_URI",
+            help="Milvus Lite data dir, or http(s)://host:port of a server.",
+        ),
+    ] = str(WORKDIR / "gallery.db"),
+    milvus_token: Annotated[
+        str,
+        typer.Option(
+            envvar="ICL_MILVUS_TOKEN",
+            help="user:password or API key (never logged).",
+            show_default=False,
+        ),
+    ] = "",
     collection: Annotated[str, typer.Option(envvar="ICL_COLLECTION")] = "gallery",
     host: Annotated[str, typer.Option(envvar="ICL_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="ICL_PORT", help="0: a free port.")] = 50051,
+    triton_wait: Annotated[
+        float, typer.Option(help="Seconds to wait for Triton's models at start.")
+    ] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus."""
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
 
     _setup_logging(verbose)
-    config = OrchestratorConfig(triton_url, milvus_uri, milvus_token, collection, host, port)
+    config = OrchestratorConfig(
+        triton_url,
+        milvus_uri,
+        milvus_token,
+        collection,
+        host,
+        port,
+        triton_ready_timeout_s=triton_wait,
+    )
 
     async def run() -> None:
         orchestrator = Orchestrator(config)
@@ -149,15 +191,21 @@ async def _start_or_fail(orchestrator: Any) -> None:
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the model repository, gallery and logs go.")] = WORKDIR,
+    workdir: Annotated[
+        Path, typer.Option(help="Where the model repository, gallery and logs go.")
+    ] = WORKDIR,
     images: Annotated[int, typer.Option(min=1, max=100_000, help="Demo gallery size.")] = 300,
     port: Annotated[int, typer.Option(help="Orchestrator port (0: a free port).")] = 0,
-    checkpoint: Annotated[Path | None, typer.Option(help="Dual-encoder checkpoint (default: random weights).")] = None,
-    check: Annotated[bool, typer.Option("--check", help="Run sample searches and exit instead of serving.")] = False,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Dual-encoder checkpoint (default: random weights).")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Run sample searches and exit instead of serving.")
+    ] = False,
 ) -> None:
     """Export the demo encoders, start Triton and the orchestrator, enrol a demo gallery, serve."""
     from icl.export.repository import write_repository
-    from icl.orchestrator.server import Orchestrator, OrchestratorConfig
+    from icl.orchestrator.server import OrchestratorConfig
     from icl.orchestrator.tritonserver import TritonLaunchError, TritonServer
 
     repo = workdir / "model_repository"
@@ -197,7 +245,9 @@ async def _demo(config: Any, n_images: int, check: bool) -> bool:
     _install_stop_signals(stop)
     await _start_or_fail(orchestrator)
     try:
-        async with grpc.aio.insecure_channel(orchestrator.address, options=channel_options()) as channel:
+        async with grpc.aio.insecure_channel(
+            orchestrator.address, options=channel_options()
+        ) as channel:
             stub = pb_grpc.PersonSearchStub(channel)
             items = (
                 pb.GalleryImage(
@@ -213,7 +263,9 @@ async def _demo(config: Any, n_images: int, check: bool) -> bool:
             with console.status("enrolling the demo gallery through Enroll") as status:
                 async for response in enroll(stub, items):
                     accepted += sum(r.status == pb.EnrollResult.ACCEPTED for r in response.results)
-                    status.update(f"enrolling the demo gallery through Enroll: {accepted}/{n_images}")
+                    status.update(
+                        f"enrolling the demo gallery through Enroll: {accepted}/{n_images}"
+                    )
             console.print(f"enrolled {accepted} of {n_images} demo images")
             queries = demo_queries()
             if check:
@@ -252,7 +304,9 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise _fail(f"--{name} {value!r} is not an ISO-8601 time such as 2026-01-05T09:30") from None
+        raise _fail(
+            f"--{name} {value!r} is not an ISO-8601 time such as 2026-01-05T09:30"
+        ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
@@ -261,17 +315,24 @@ def search(
     text: Annotated[str, typer.Option("--text", "-t", help="Description of the person.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 10,
     camera: Annotated[list[str] | None, typer.Option(help="Only this camera (repeatable).")] = None,
-    since: Annotated[str | None, typer.Option(help="Captured at or after (ISO-8601, UTC if no zone).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Captured at or after (ISO-8601, UTC if no zone).")
+    ] = None,
     until: Annotated[str | None, typer.Option(help="Captured at or before (ISO-8601).")] = None,
-    address: Annotated[str, typer.Option(envvar="ICL_ADDRESS", help="PersonSearch address.")] = DEFAULT_ADDRESS,
+    address: Annotated[
+        str, typer.Option(envvar="ICL_ADDRESS", help="PersonSearch address.")
+    ] = DEFAULT_ADDRESS,
     timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 30.0,
 ) -> None:
     """Search the gallery of a running PersonSearch service and print the ranked hits."""
     import grpc
 
-    from icl.orchestrator.client import search as call, search_request
+    from icl.orchestrator.client import search as call
+    from icl.orchestrator.client import search_request
 
-    request = search_request(text, top_k, camera or (), _parse_time(since, "since"), _parse_time(until, "until"))
+    request = search_request(
+        text, top_k, camera or (), _parse_time(since, "since"), _parse_time(until, "until")
+    )
     try:
         response = call(address, request, timeout)
     except grpc.RpcError as exc:

@@ -30,7 +30,11 @@ def load_onnx_session(args: dict[str, str], tensor_map: dict[str, str]) -> ort.I
     """
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-    path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
+    path = (
+        Path(args["model_repository"])
+        / args["model_version"]
+        / params.get("onnx_file", "model.onnx")
+    )
     name = config["name"]
     if not path.is_file():
         raise ModelConfigError(f"model {name}: ONNX file {path} is missing")
@@ -48,7 +52,9 @@ def load_onnx_session(args: dict[str, str], tensor_map: dict[str, str]) -> ort.I
             continue
         want = [int(d) for d in tensor["dims"]]
         have = _dims(graph[graph_name])
-        if len(want) != len(have) or any(h not in (-1, w) for w, h in zip(want, have, strict=False)):
+        if len(want) != len(have) or any(
+            h not in (-1, w) for w, h in zip(want, have, strict=False)
+        ):
             raise ModelConfigError(
                 f"model {name}: config.pbtxt gives {tensor['name']} dims {want}, but {path.name} "
                 f"has {graph_name} dims {have}"

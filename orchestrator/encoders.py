@@ -55,22 +55,30 @@ class TritonEncoders:
         self.dim = int(image["outputs"][0]["shape"][-1])
         text_dim = int(text["outputs"][0]["shape"][-1])
         if text_dim != self.dim:
-            raise EncoderUnavailable(f"text ({text_dim}-d) and image ({self.dim}-d) embeddings differ")
+            raise EncoderUnavailable(
+                f"text ({text_dim}-d) and image ({self.dim}-d) embeddings differ"
+            )
         config = await self._client.get_model_config(IMAGE_MODEL, as_json=True)
         self.max_batch_size = max(1, int(config["config"].get("max_batch_size", 1)))
 
-    async def _infer(self, model: str, inp: triton.InferInput, timeout_s: float | None) -> np.ndarray:
+    async def _infer(
+        self, model: str, inp: triton.InferInput, timeout_s: float | None
+    ) -> np.ndarray:
         timeout = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
         try:
             result = await self._client.infer(
-                model, [inp], outputs=[triton.InferRequestedOutput("EMBEDDING")],
+                model,
+                [inp],
+                outputs=[triton.InferRequestedOutput("EMBEDDING")],
                 client_timeout=max(timeout, 0.001),
             )
         except InferenceServerException as exc:
             raise EncoderUnavailable(f"{model}: {exc.message()}") from None
         return result.as_numpy("EMBEDDING")
 
-    async def encode_texts(self, texts: Sequence[str], timeout_s: float | None = None) -> np.ndarray:
+    async def encode_texts(
+        self, texts: Sequence[str], timeout_s: float | None = None
+    ) -> np.ndarray:
         data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
         inp = triton.InferInput("TEXT", list(data.shape), "BYTES")
         inp.set_data_from_numpy(data)
@@ -84,7 +92,9 @@ class TritonEncoders:
             return await self._infer(IMAGE_MODEL, inp, timeout_s)
 
         step = self.max_batch_size
-        parts = await asyncio.gather(*(one(pixels[i : i + step]) for i in range(0, len(pixels), step)))
+        parts = await asyncio.gather(
+            *(one(pixels[i : i + step]) for i in range(0, len(pixels), step))
+        )
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
     async def close(self) -> None:

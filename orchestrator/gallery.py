@@ -96,7 +96,9 @@ class MilvusGallery:
         for r in records:
             vec = np.asarray(r.embedding, dtype=np.float32)
             if vec.shape != (self.dim,) or not np.all(np.isfinite(vec)):
-                raise GalleryError(f"embedding of {r.image_id!r} is not a finite {self.dim}-d vector")
+                raise GalleryError(
+                    f"embedding of {r.image_id!r} is not a finite {self.dim}-d vector"
+                )
             rows.append(
                 {
                     "image_id": r.image_id,

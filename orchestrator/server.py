@@ -44,6 +44,7 @@ class OrchestratorConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port
     triton_timeout_s: float = 30.0
+    triton_ready_timeout_s: float = 60.0
 
     def __repr__(self) -> str:  # keep the token out of every log line and traceback
         return (
@@ -122,7 +123,9 @@ class PersonSearchService:
         await _reject_malformed(request, context)
         return await self._guard(context, self._search(request, context))
 
-    async def _search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+    async def _search(
+        self, request: pb.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchResponse:
         query = v.check_search(request)
         if request.thi.enabled:
             raise v.InvalidRequest(
@@ -188,7 +191,9 @@ class PersonSearchService:
 
         async def delete() -> pb.DeleteResponse:
             ids, where = v.check_delete(request)
-            return pb.DeleteResponse(deleted=await self._in_gallery(self.gallery.delete, ids, where))
+            return pb.DeleteResponse(
+                deleted=await self._in_gallery(self.gallery.delete, ids, where)
+            )
 
         return await self._guard(context, delete())
 
@@ -254,7 +259,7 @@ class Orchestrator:
     async def start(self) -> None:
         cfg = self.config
         self._encoders = TritonEncoders(cfg.triton_url, cfg.triton_timeout_s)
-        await self._encoders.start()
+        await self._encoders.start(cfg.triton_ready_timeout_s)
         gallery = await asyncio.to_thread(
             MilvusGallery, cfg.milvus_uri, self._encoders.dim, cfg.collection, cfg.milvus_token
         )

@@ -1,7 +1,7 @@
 """Launch and supervise the real `tritonserver` binary that the nvidia-pytriton wheel ships.
 
 That wheel carries Triton 2.51 with only the python backend, which is all the CPU flavour
-needs. Three details make it work from a virtualenv (see docs/platform.md):
+needs. Three details make it work from a virtualenv (docs/serving.md):
 - the python backend stub must sit in `backends/python/` (copied there once, so its RPATH
   into the wheel keeps working);
 - the stub must run this interpreter's environment: the venv's `bin` goes first on PATH;
@@ -12,6 +12,7 @@ Each launch uses its own shared-memory prefix, so stopping a server removes exac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -177,10 +178,9 @@ class TritonServer:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if proc is not None:
-            try:  # stub processes share the group; make sure none outlives the server
+            # Stub processes share the group: make sure none outlives the server.
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
 

@@ -45,7 +45,9 @@ def start_triton(repo: Path, log: Path, **kwargs) -> TritonServer:
 
 
 @pytest.fixture(scope="session")
-def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def triton(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
     server = start_triton(model_repository, tmp_path_factory.mktemp("triton") / "server.log")
     yield server
     server.stop()
@@ -70,15 +72,28 @@ class RunningOrchestrator:
                 self.process.wait()
 
 
-def start_orchestrator(triton_url: str, milvus_uri: Path, log: Path, **env: str) -> RunningOrchestrator:
+def start_orchestrator(
+    triton_url: str, milvus_uri: Path, log: Path, **env: str
+) -> RunningOrchestrator:
     """`icl serve` in its own process; returns once its gRPC health check says SERVING."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "icl.cli", "serve",
-        "--triton-url", triton_url, "--milvus-uri", str(milvus_uri), "--port", str(port), "-v",
+        sys.executable,
+        "-m",
+        "icl.cli",
+        "serve",
+        "--triton-url",
+        triton_url,
+        "--milvus-uri",
+        str(milvus_uri),
+        "--port",
+        str(port),
+        "-v",
     ]
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
     running = RunningOrchestrator(proc, f"127.0.0.1:{port}", log)
     deadline = time.monotonic() + 90
     with running.channel() as channel:
@@ -99,7 +114,9 @@ def start_orchestrator(triton_url: str, milvus_uri: Path, log: Path, **env: str)
 
 
 @pytest.fixture(scope="module")
-def orchestrator(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningOrchestrator]:
+def orchestrator(
+    triton: TritonServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningOrchestrator]:
     work = tmp_path_factory.mktemp("orchestrator")
     running = start_orchestrator(triton.grpc_url, work / "gallery.db", work / "serve.log")
     yield running

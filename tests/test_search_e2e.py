@@ -60,7 +60,9 @@ def test_search_returns_the_in_process_ranking(orchestrator, enrolled, local, te
 def test_hits_carry_the_enrolled_metadata(orchestrator, enrolled):
     by_id = {d.image_id: d for d in enrolled}
     with orchestrator.channel() as channel:
-        reply = pb_grpc.PersonSearchStub(channel).Search(search_request("a man", top_k=5), timeout=30)
+        reply = pb_grpc.PersonSearchStub(channel).Search(
+            search_request("a man", top_k=5), timeout=30
+        )
     for hit in reply.hits:
         d = by_id[hit.image_id]
         assert hit.camera_id == d.camera_id

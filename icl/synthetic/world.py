@@ -65,7 +65,9 @@ def sample_person(rng: np.random.Generator, person_id: int) -> Person:
     )
 
 
-def render(person: Person, rng: np.random.Generator, size: tuple[int, int] = (128, 48)) -> np.ndarray:
+def render(
+    person: Person, rng: np.random.Generator, size: tuple[int, int] = (128, 48)
+) -> np.ndarray:
     """One crop [H, W, 3] uint8 of `person` with random pose, scale, light and background."""
     h, w = size
     bg = tuple(int(c) for c in rng.integers(60, 200, size=3))
@@ -94,7 +96,15 @@ def render(person: Person, rng: np.random.Generator, size: tuple[int, int] = (12
     rect(-16, 24, -11, 60, arm)
     rect(11, 24, 16, 60, arm)
     if person.lower_type == "skirt":
-        d.polygon([(cx - 10 * s, y(62)), (cx + 10 * s, y(62)), (cx + 14 * s, y(88)), (cx - 14 * s, y(88))], fill=col[person.lower])
+        d.polygon(
+            [
+                (cx - 10 * s, y(62)),
+                (cx + 10 * s, y(62)),
+                (cx + 14 * s, y(88)),
+                (cx - 14 * s, y(88)),
+            ],
+            fill=col[person.lower],
+        )
         rect(-8, 88, -2, 112, skin)
         rect(2, 88, 8, 112, skin)
     else:
@@ -117,14 +127,18 @@ def render(person: Person, rng: np.random.Generator, size: tuple[int, int] = (12
 
 def caption(person: Person, rng: np.random.Generator) -> str:
     """A caption that mentions a random subset of the attributes, in varied words."""
-    who = person.gender if rng.random() < 0.6 else ("person" if rng.random() < 0.5 else "pedestrian")
+    who = (
+        person.gender if rng.random() < 0.6 else ("person" if rng.random() < 0.5 else "pedestrian")
+    )
     hair_colour = "blonde" if person.hair == "yellow" else person.hair
     hair = f"{'long' if person.long_hair else 'short'} {hair_colour} hair"
     sleeves = "long-sleeved" if person.long_sleeves else "short-sleeved"
     top = str(rng.choice(["shirt", "top", "jacket"]))
     clauses = [
         f"with {hair}",
-        f"wearing a {person.upper} {sleeves} {top}" if rng.random() < 0.5 else f"in a {person.upper} {top}",
+        f"wearing a {person.upper} {sleeves} {top}"
+        if rng.random() < 0.5
+        else f"in a {person.upper} {top}",
         f"{person.lower} {person.lower_type}",
         f"{person.shoes} shoes",
     ]

@@ -95,7 +95,8 @@ class ClipTokenizer:
         """Encode texts into an int64 array [len(texts), context_length], zero-padded."""
         out = np.zeros((len(texts), self.context_length), dtype=np.int64)
         for row, enc in enumerate(self._tok.encode_batch(list(texts), add_special_tokens=False)):
-            ids = [SOT_ID, *enc.ids][: self.context_length - 1] + [EOT_ID]
+            ids = [SOT_ID, *enc.ids][: self.context_length - 1]
+            ids.append(EOT_ID)
             out[row, : len(ids)] = ids
         return out
 

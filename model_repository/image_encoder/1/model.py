@@ -20,7 +20,9 @@ class TritonPythonModel:
         embeddings = self.session.run(["embedding"], {"pixels": np.concatenate(arrays)})[0]
         responses, start = [], 0
         for array in arrays:
-            out = pb_utils.Tensor("EMBEDDING", embeddings[start : start + len(array)].astype(np.float32))
+            out = pb_utils.Tensor(
+                "EMBEDDING", embeddings[start : start + len(array)].astype(np.float32)
+            )
             responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             start += len(array)
         return responses

@@ -35,7 +35,9 @@ class TritonPythonModel:
             embeddings = self.session.run(["embedding"], {"input_ids": ids})[0]
             start = 0
             for i, count in owners:
-                out = pb_utils.Tensor("EMBEDDING", embeddings[start : start + count].astype(np.float32))
+                out = pb_utils.Tensor(
+                    "EMBEDDING", embeddings[start : start + count].astype(np.float32)
+                )
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
                 start += count
         return responses
