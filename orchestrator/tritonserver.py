@@ -13,6 +13,7 @@ Each launch uses its own shared-memory prefix, so stopping a server removes exac
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -64,6 +65,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launching process dies (Linux).
+
+    So a launcher killed with SIGKILL does not leave a tritonserver behind.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _environment() -> dict[str, str]:
@@ -125,6 +136,7 @@ class TritonServer:
                 stderr=subprocess.STDOUT,
                 env=_environment(),
                 start_new_session=True,  # its own process group: stop() reaches the stubs too
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         try:
             self._wait_ready()

@@ -22,8 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from icl.export.repository import write_repository
 from icl.orchestrator.tritonserver import TritonServer, free_port
 from icl.synthetic.demo_gallery import random_demo_encoder
-
-_LAUNCHED: list[TritonServer] = []
+from tests.helpers import LAUNCHED, start_triton
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +35,6 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory, demo_model) -> Pa
     out = tmp_path_factory.mktemp("model_repository")
     write_repository(demo_model, out)
     return out
-
-
-def start_triton(repo: Path, log: Path, **kwargs) -> TritonServer:
-    server = TritonServer(repo, log, **kwargs)
-    _LAUNCHED.append(server)
-    return server.start()
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +117,7 @@ def orchestrator(
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    for server in _LAUNCHED:
+    for server in LAUNCHED:
         server.stop()
         leftovers = list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
         assert not leftovers, f"shared-memory regions left behind: {leftovers}"

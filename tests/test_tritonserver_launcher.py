@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from icl.orchestrator.tritonserver import TritonLaunchError
-from tests.conftest import start_triton
+from tests.helpers import start_triton
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -52,3 +54,32 @@ def test_missing_config(model_repository, tmp_path):
     (repo / "text_encoder/config.pbtxt").unlink()
     message = _launch_fails(repo, tmp_path / "log")
     assert "text_encoder" in message
+
+
+def test_server_dies_with_a_killed_launcher(model_repository, tmp_path):
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from icl.orchestrator.tritonserver import TritonServer\n"
+        "s = TritonServer(Path(sys.argv[1]), Path(sys.argv[2])).start()\n"
+        "print(s.process.pid, s.shm_prefix, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", script, str(model_repository), str(tmp_path / "log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    prefix = None
+    try:
+        pid, prefix = launcher.stdout.readline().split()
+        launcher.kill()  # SIGKILL: the launcher gets no chance to clean up
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{pid}").exists(), "tritonserver outlived its launcher"
+    finally:
+        launcher.kill()
+        for region in Path("/dev/shm").glob(f"{prefix}*") if prefix else ():
+            region.unlink(missing_ok=True)
