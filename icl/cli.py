@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -278,14 +279,21 @@ async def _demo(config: Any, n_images: int, check: bool) -> bool:
         console.print(
             f"\nPersonSearch is serving on [bold]{orchestrator.address}[/] "
             f"(gRPC, health and reflection on). In another terminal:\n\n"
-            f'  icl search --address {orchestrator.address} --text "{queries[0]}"\n\n'
-            "Press Ctrl-C to stop.",
+            f'  {_self_command()} search --address {orchestrator.address} --text "{queries[0]}"'
+            "\n\nPress Ctrl-C to stop.",
             highlight=False,
+            soft_wrap=True,  # keep the command on one line for copy and paste
         )
         await stop.wait()
         return True
     finally:
         await orchestrator.stop()
+
+
+def _self_command() -> str:
+    """How the user invoked `icl` (e.g. .venv/bin/icl), so the printed command runs as is."""
+    invoked = Path(sys.argv[0])
+    return str(invoked) if invoked.name == "icl" else "icl"
 
 
 def print_hits(text: str, response: Any) -> None:
