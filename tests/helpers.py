@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from icl.orchestrator.client import timestamp
-from icl.orchestrator.tritonserver import TritonServer
+from icl.orchestrator.tritonserver import TritonServer, free_port
 from icl.reid.v1 import person_search_pb2 as pb
 from icl.synthetic.demo_gallery import DemoImage
 
@@ -41,3 +50,63 @@ def start_triton(repo: Path, log: Path, **kwargs) -> TritonServer:
     server = TritonServer(repo, log, **kwargs)
     LAUNCHED.append(server)
     return server.start()
+
+
+@dataclass
+class RunningOrchestrator:
+    process: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_orchestrator(
+    triton_url: str, milvus_uri: Path, log: Path, **env: str
+) -> RunningOrchestrator:
+    """`icl serve` in its own process; returns once its gRPC health check says SERVING."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "icl.cli",
+        "serve",
+        "--triton-url",
+        triton_url,
+        "--milvus-uri",
+        str(milvus_uri),
+        "--port",
+        str(port),
+        "-v",
+    ]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
+    running = RunningOrchestrator(proc, f"127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 90
+    with running.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"icl serve exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return running
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                running.stop()
+                raise RuntimeError(f"icl serve not healthy in time:\n{log.read_text()}")
+            time.sleep(0.2)
