@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -301,7 +301,7 @@ def print_hits(text: str, response: Any) -> None:
     for column in ("rank", "image id", "camera", "captured (UTC)", "score"):
         table.add_column(column, justify="right" if column in ("rank", "score") else "left")
     for rank, hit in enumerate(response.hits, 1):
-        when = hit.captured_at.ToDatetime(tzinfo=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = hit.captured_at.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(str(rank), hit.image_id, hit.camera_id, when, f"{hit.score:.4f}")
     console.print(table)
 
@@ -315,7 +315,7 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
         raise _fail(
             f"--{name} {value!r} is not an ISO-8601 time such as 2026-01-05T09:30"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @app.command()
