@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from icl.models.dual_encoder import DualEncoder
+from icl.onnx_encoders import onnx_session
 from icl.text.tokenizer import ClipTokenizer
 
 OPSET = 17
@@ -69,8 +69,7 @@ def _parity(
 ) -> ParityReport:
     with torch.no_grad():
         ref = module(torch.from_numpy(inputs)).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["embedding"], {name: inputs})[0]
+    got = onnx_session(path).run(["embedding"], {name: inputs})[0]
     cos = np.sum(ref * got, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     report = ParityReport(tower, float(cos.min()), float(np.abs(ref - got).max()))
     if report.min_cosine < MIN_COSINE_FP32:

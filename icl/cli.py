@@ -235,11 +235,11 @@ def demo(
 async def _demo(config: Any, n_images: int, check: bool) -> bool:
     import grpc
 
-    from icl.orchestrator.client import channel_options, enroll, search_request, timestamp
+    from icl.orchestrator.client import channel_options, enroll, search_request
     from icl.orchestrator.server import Orchestrator
     from icl.reid.v1 import person_search_pb2 as pb
     from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
-    from icl.synthetic.demo_gallery import demo_gallery, demo_queries
+    from icl.synthetic.demo_gallery import demo_gallery, demo_queries, to_gallery_image
 
     orchestrator = Orchestrator(config)
     stop = asyncio.Event()
@@ -250,16 +250,7 @@ async def _demo(config: Any, n_images: int, check: bool) -> bool:
             orchestrator.address, options=channel_options()
         ) as channel:
             stub = pb_grpc.PersonSearchStub(channel)
-            items = (
-                pb.GalleryImage(
-                    image_id=d.image_id,
-                    camera_id=d.camera_id,
-                    captured_at=timestamp(d.captured_at_ms),
-                    track_id=d.track_id,
-                    image=d.png,
-                )
-                for d in demo_gallery(n_images)
-            )
+            items = (to_gallery_image(d) for d in demo_gallery(n_images))
             accepted = 0
             with console.status("enrolling the demo gallery through Enroll") as status:
                 async for response in enroll(stub, items):

@@ -14,13 +14,18 @@ import onnxruntime as ort
 from icl.text.tokenizer import ClipTokenizer
 
 
+def onnx_session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    """A CPU onnxruntime session; one inter-op thread, `threads` intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxEncoders:
     def __init__(self, text_onnx: Path, image_onnx: Path, threads: int = 1) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        self._text = ort.InferenceSession(str(text_onnx), options, providers=providers)
-        self._image = ort.InferenceSession(str(image_onnx), options, providers=providers)
+        self._text = onnx_session(text_onnx, threads)
+        self._image = onnx_session(image_onnx, threads)
         self._tokenizer = ClipTokenizer(self._text.get_inputs()[0].shape[1])
         _, h, w, _ = self._image.get_inputs()[0].shape
         self._image_size = (int(h), int(w))

@@ -13,6 +13,8 @@ from typing import Any
 
 import onnxruntime as ort
 
+from icl.onnx_encoders import onnx_session
+
 
 class ModelConfigError(ValueError):
     pass
@@ -38,11 +40,8 @@ def load_onnx_session(args: dict[str, str], tensor_map: dict[str, str]) -> ort.I
     name = config["name"]
     if not path.is_file():
         raise ModelConfigError(f"model {name}: ONNX file {path} is missing")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
-    options.inter_op_num_threads = 1
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(path, int(params.get("intra_op_threads", "1")))
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise ModelConfigError(f"model {name}: cannot load {path}: {exc}") from None
     graph = {t.name: t for t in [*session.get_inputs(), *session.get_outputs()]}

@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from icl.reid.v1 import person_search_pb2 as pb
 from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # one Enroll batch of crops; the server uses it too
 
 
 def timestamp(value: datetime | int) -> Timestamp:

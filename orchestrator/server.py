@@ -17,12 +17,12 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from icl.images import ImageRejected, decode_crop
 from icl.orchestrator import validation as v
+from icl.orchestrator.client import MAX_MESSAGE_BYTES, timestamp
 from icl.orchestrator.encoders import EncoderUnavailable, TritonEncoders
 from icl.orchestrator.gallery import GalleryError, MilvusGallery
 from icl.ports import GalleryHit, GalleryRecord
@@ -31,7 +31,6 @@ from icl.reid.v1 import person_search_pb2 as pb
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PersonSearch"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # one Enroll batch of crops
 T = TypeVar("T")
 
 
@@ -79,17 +78,11 @@ async def _reject_malformed(request: Any, context: grpc.aio.ServicerContext) -> 
         )
 
 
-def _timestamp(ms: int) -> Timestamp:
-    ts = Timestamp()
-    ts.FromMilliseconds(ms)
-    return ts
-
-
 def _hit(h: GalleryHit) -> pb.Hit:
     return pb.Hit(
         image_id=h.image_id,
         camera_id=h.camera_id,
-        captured_at=_timestamp(h.captured_at_ms),
+        captured_at=timestamp(h.captured_at_ms),
         score=h.score,
         track_id=h.track_id,
         image_uri=h.image_uri,

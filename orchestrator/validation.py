@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from icl.ports import GalleryFilter
 from icl.reid.v1 import person_search_pb2 as pb
@@ -47,15 +46,11 @@ def check_camera_ids(camera_ids: list[str] | tuple[str, ...]) -> tuple[str, ...]
     return tuple(dict.fromkeys(camera_ids))
 
 
-def _ms(ts: Timestamp) -> int:
-    return ts.seconds * 1000 + ts.nanos // 1_000_000
-
-
 def check_time_range(has_range: bool, time_range: pb.TimeRange) -> tuple[int | None, int | None]:
     if not has_range:
         return None, None
-    start = _ms(time_range.start) if time_range.HasField("start") else None
-    end = _ms(time_range.end) if time_range.HasField("end") else None
+    start = time_range.start.ToMilliseconds() if time_range.HasField("start") else None
+    end = time_range.end.ToMilliseconds() if time_range.HasField("end") else None
     if start is not None and end is not None and start > end:
         raise _bad("time_range.start is after time_range.end")
     return start, end
@@ -98,7 +93,7 @@ def check_gallery_image(item: pb.GalleryImage) -> str | None:
 
 
 def captured_at_ms(item: pb.GalleryImage) -> int:
-    return _ms(item.captured_at)
+    return item.captured_at.ToMilliseconds()
 
 
 def check_delete(req: pb.DeleteRequest) -> tuple[tuple[str, ...], GalleryFilter]:

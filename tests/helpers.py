@@ -14,24 +14,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from icl.orchestrator.client import timestamp
 from icl.orchestrator.tritonserver import TritonServer, free_port
 from icl.reid.v1 import person_search_pb2 as pb
-from icl.synthetic.demo_gallery import DemoImage
+from icl.synthetic.demo_gallery import DemoImage, to_gallery_image
 
 
 def gallery_images(demo: Iterable[DemoImage]) -> list[pb.GalleryImage]:
-    return [
-        pb.GalleryImage(
-            image_id=d.image_id,
-            camera_id=d.camera_id,
-            captured_at=timestamp(d.captured_at_ms),
-            track_id=d.track_id,
-            image_uri=f"demo://{d.image_id}.png",
-            image=d.png,
-        )
-        for d in demo
-    ]
+    return [to_gallery_image(d, f"demo://{d.image_id}.png") for d in demo]
 
 
 def enroll_all(stub, images: list[pb.GalleryImage], batch_size: int = 16) -> list[pb.EnrollResult]:
