@@ -79,9 +79,9 @@ def write_repository(
         shutil.rmtree(out / name, ignore_errors=True)
         (out / name / "1").mkdir(parents=True)
         (out / name / "1" / "model.py").write_bytes(_model_py(name))
-    (out / TEXT_ENCODER / "config.pbtxt").write_text(render_text_encoder_config(cfg.embed_dim, s))
+    (out / TEXT_ENCODER / "config.pbtxt").write_text(render_text_encoder_config(cfg.output_dim, s))
     (out / IMAGE_ENCODER / "config.pbtxt").write_text(
-        render_image_encoder_config(cfg.image_size, cfg.embed_dim, s)
+        render_image_encoder_config(cfg.image_size, cfg.output_dim, s)
     )
     return export_dual_encoder(
         model, out / TEXT_ENCODER / "1" / "model.onnx", out / IMAGE_ENCODER / "1" / "model.onnx"

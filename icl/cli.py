@@ -339,5 +339,13 @@ def search(
     print_hits(text, response)
 
 
+def _register_ml_commands() -> None:
+    from icl.ml_cli import register
+
+    register(app)
+
+
+_register_ml_commands()
+
 if __name__ == "__main__":
     app()

@@ -39,7 +39,7 @@ def test_repository_configs_follow_the_model(demo_model, tmp_path):
     image = (tmp_path / "image_encoder/config.pbtxt").read_text()
     h, w = demo_model.config.image_size
     assert f"dims: [ {h}, {w}, 3 ]" in image
-    assert f"dims: [ {demo_model.config.embed_dim} ]" in image
+    assert f"dims: [ {demo_model.config.output_dim} ]" in image
     assert "count: 2" in image and "KIND_CPU" in image
     assert (tmp_path / "text_encoder/1/model.py").is_file()
     assert (tmp_path / "text_encoder/1/model.onnx").is_file()

@@ -1,130 +1,115 @@
-"""A small CLIP-style dual encoder with the serving interface of the full model.
+"""The RDE-style dual encoder: any image/text towers, BGE and TSE heads, one served vector.
 
-Both towers end in one L2-normalised vector whose inner product is the retrieval score, so
-the gallery stores one vector per image and Milvus ranks by inner product. The image tower
-takes uint8 pixels [B, H, W, 3] and normalises inside the graph, so every runtime (torch,
-ONNX, TensorRT, Triton) receives the same raw tensor.
+Score(q, g) = (cos(BGE_q, BGE_g) + cos(TSE_q, TSE_g)) / 2 (ICL-METHOD.md section 2). Each
+branch serves [BGE/|BGE|, TSE/|TSE|] / sqrt(2), so one inner product of two served vectors
+is exactly that score and the gallery stores one vector per image. Without TSE the served
+vector is the normalised BGE and the score is its cosine.
+
+The image branch takes uint8 pixels [B, H, W, 3] and normalises inside the graph, so every
+runtime (torch, ONNX, TensorRT, Triton) receives the same raw tensor.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icl.text.tokenizer import VOCAB_SIZE
+from icl.models.config import ModelConfig
+from icl.models.heads import TseHead
+from icl.models.towers import TowerOutput, build_image_tower, build_text_tower
 
-# CLIP's image statistics; kept for every config so pretrained towers can be dropped in.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class DualEncoderConfig:
-    """Sizes of the small dual encoder. `image_size` is (height, width)."""
-
-    image_size: tuple[int, int] = (96, 32)
-    context_length: int = 77
-    vocab_size: int = VOCAB_SIZE
-    embed_dim: int = 256
-    image_channels: tuple[int, ...] = (32, 64, 128)
-    text_width: int = 128
-    text_layers: int = 2
-    pixel_mean: tuple[float, float, float] = field(default=CLIP_MEAN)
-    pixel_std: tuple[float, float, float] = field(default=CLIP_STD)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DualEncoderConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("image_size", "image_channels", "pixel_mean", "pixel_std"):
-            if key in known:
-                known[key] = tuple(known[key])
-        return cls(**known)
+CHECKPOINT_FORMAT = "icl-dual-encoder/1"
 
 
-class ImageTower(nn.Module):
-    """uint8 pixels [B, H, W, 3] -> normalised embedding [B, D]."""
+class Embeddings(NamedTuple):
+    """Normalised BGE [B, embed_dim] and TSE [B, tse.dim] (None when TSE is off)."""
 
-    def __init__(self, cfg: DualEncoderConfig) -> None:
+    bge: torch.Tensor
+    tse: torch.Tensor | None
+
+    def joint(self) -> torch.Tensor:
+        if self.tse is None:
+            return self.bge
+        return torch.cat([self.bge, self.tse], dim=-1) * (1.0 / math.sqrt(2.0))
+
+
+class _Branch(nn.Module):
+    def __init__(self, tower: nn.Module, cfg: ModelConfig) -> None:
         super().__init__()
+        self.tower = tower
+        self.tse = (
+            TseHead(cfg.embed_dim, cfg.tse.dim, cfg.tse.ratio, tower.num_tokens)
+            if cfg.tse.enabled
+            else None
+        )
+
+    def _embed(self, out: TowerOutput) -> Embeddings:
+        bge = F.normalize(out.global_feature, dim=-1)
+        if self.tse is None:
+            return Embeddings(bge, None)
+        return Embeddings(bge, F.normalize(self.tse(out.tokens, out.scores, out.valid), dim=-1))
+
+
+class ImageBranch(_Branch):
+    """uint8 pixels [B, H, W, 3] -> served embedding [B, output_dim]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(build_image_tower(cfg.image_tower, cfg), cfg)
         self.register_buffer("mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1) * 255.0)
-        layers: list[nn.Module] = []
-        in_ch = 3
-        for out_ch in cfg.image_channels:
-            layers += [
-                nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(out_ch),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
-                nn.BatchNorm2d(out_ch),
-                nn.ReLU(inplace=True),
-            ]
-            in_ch = out_ch
-        self.features = nn.Sequential(*layers)
-        self.proj = nn.Linear(in_ch, cfg.embed_dim)
+
+    def parts(self, pixels: torch.Tensor) -> Embeddings:
+        x = (pixels.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) / self.std
+        return self._embed(self.tower(x))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
-        x = self.features(x).mean(dim=(2, 3))
-        return F.normalize(self.proj(x), dim=-1)
+        return self.parts(pixels).joint()
 
 
-class TextTower(nn.Module):
-    """CLIP token ids [B, L] -> normalised embedding [B, D] (masked mean of conv features)."""
+class TextBranch(_Branch):
+    """Token ids [B, L] -> served embedding [B, output_dim]."""
 
-    def __init__(self, cfg: DualEncoderConfig) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.text_width, padding_idx=0)
-        self.pos = nn.Parameter(torch.zeros(cfg.context_length, cfg.text_width))
-        self.convs = nn.ModuleList(
-            nn.Conv1d(cfg.text_width, cfg.text_width, 3, padding=1) for _ in range(cfg.text_layers)
-        )
-        self.proj = nn.Linear(cfg.text_width, cfg.embed_dim)
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(build_text_tower(cfg.text_tower, cfg), cfg)
+
+    def parts(self, input_ids: torch.Tensor) -> Embeddings:
+        return self._embed(self.tower(input_ids))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        mask = (input_ids != 0).unsqueeze(-1).float()
-        x = (self.embed(input_ids) + self.pos[: input_ids.shape[1]]) * mask
-        h = x.transpose(1, 2)
-        for conv in self.convs:
-            h = h + F.gelu(conv(h))
-        h = h.transpose(1, 2) * mask
-        pooled = h.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return F.normalize(self.proj(pooled), dim=-1)
+        return self.parts(input_ids).joint()
 
 
 class DualEncoder(nn.Module):
-    def __init__(self, cfg: DualEncoderConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.image = ImageTower(cfg)
-        self.text = TextTower(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(4.6052))  # ln(100), as CLIP
+        self.image = ImageBranch(cfg)
+        self.text = TextBranch(cfg)
 
     def similarity(self, input_ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        """Score matrix [queries, images]: inner products of the normalised embeddings."""
+        """Score matrix [queries, images]: inner products of the served embeddings."""
         return self.text(input_ids) @ self.image(pixels).T
 
 
-def build_model(cfg: DualEncoderConfig | None = None, seed: int = 0) -> DualEncoder:
-    """A freshly initialised model; the seed makes random weights reproducible."""
+def build_model(cfg: ModelConfig, seed: int = 0) -> DualEncoder:
+    """A freshly initialised model (pretrained towers load their own files); eval mode."""
     torch.manual_seed(seed)
-    return DualEncoder(cfg or DualEncoderConfig()).eval()
+    return DualEncoder(cfg).eval()
 
 
 @torch.no_grad()
 def calibrate_batchnorm(model: DualEncoder, pixels: torch.Tensor) -> DualEncoder:
-    """Set batch-norm statistics from real crops (data-dependent initialisation).
+    """Set the image branch's batch-norm statistics from real crops.
 
     An untrained image tower with default statistics maps every crop to nearly the same
     vector; calibrated statistics spread the embeddings so rankings are well defined.
     """
-    norms = [m for m in model.image.modules() if isinstance(m, nn.BatchNorm2d)]
+    norms = [m for m in model.image.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the calibration batch
@@ -135,24 +120,66 @@ def calibrate_batchnorm(model: DualEncoder, pixels: torch.Tensor) -> DualEncoder
     return model.eval()
 
 
-def save_checkpoint(model: DualEncoder, path: Path) -> None:
+def save_checkpoint(
+    model: DualEncoder, path: Path, *, half: bool = False, extra: dict[str, Any] | None = None
+) -> None:
+    """Write config + weights. `half` stores float weights as fp16 (committed demo weights)."""
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v)
+        for k, v in model.state_dict().items()
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, path)
+    blob = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.config.model_dump(mode="json"),
+        "state_dict": state,
+        "extra": extra or {},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is not one of ours, or does not match its own config."""
 
 
 def load_checkpoint(path: Path) -> DualEncoder:
     """Load a checkpoint written by `save_checkpoint`; missing or extra keys are an error."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    model = DualEncoder(DualEncoderConfig.from_dict(blob["config"]))
-    model.load_state_dict(blob["state_dict"], strict=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for a bad file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: not an icl dual-encoder checkpoint (expected format {CHECKPOINT_FORMAT}; "
+            "convert CLIP/RDE/IRRA weights with `icl convert`)"
+        )
+    model = DualEncoder(ModelConfig.model_validate(blob["config"]))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: weights do not match the stored config: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     return model.eval()
 
 
+def checkpoint_extra(path: Path) -> dict[str, Any]:
+    """The free-form metadata stored next to the weights (training run, metrics)."""
+    return dict(torch.load(path, map_location="cpu", weights_only=True).get("extra", {}))
+
+
 __all__ = [
+    "CheckpointError",
     "DualEncoder",
-    "DualEncoderConfig",
+    "Embeddings",
+    "ImageBranch",
+    "TextBranch",
     "build_model",
     "calibrate_batchnorm",
+    "checkpoint_extra",
     "load_checkpoint",
     "save_checkpoint",
 ]

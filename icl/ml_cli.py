@@ -1,0 +1,174 @@
+"""The ML subcommands of `icl`: synth, train, eval, convert (registered by icl.cli)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def synth(
+    out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
+    ids: Annotated[int, typer.Option(min=10, help="Number of identities.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same bytes.")] = 0,
+    difficulty: Annotated[str, typer.Option(help="easy | medium | hard.")] = "medium",
+) -> None:
+    """Write a synthetic pedestrian dataset in the CUHK-PEDES format (reid_raw.json + imgs/)."""
+    from icl.synthetic.dataset import write_synthetic_dataset
+
+    started = time.perf_counter()
+    try:
+        summary = write_synthetic_dataset(out, ids, seed, difficulty, progress=True)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"{summary} in {time.perf_counter() - started:.1f} s", highlight=False)
+
+
+def _read(data: Path, fmt: str | None) -> Any:
+    from icl.data.readers import DatasetError, read_dataset
+
+    try:
+        return read_dataset(data, fmt)
+    except DatasetError as exc:
+        raise _fail(str(exc)) from None
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset root (any of the four benchmark formats).")],
+    config: Annotated[Path, typer.Option(help="Run config (TOML with [model] and [train]).")],
+    out: Annotated[Path, typer.Option(help="Run directory (checkpoints, history).")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    fmt: Annotated[str | None, typer.Option("--format", help="Dataset format.")] = None,
+) -> None:
+    """Train a dual encoder; the checkpoint is selected on the val split, never on test."""
+    from icl.data.readers import DatasetError, carve_val_split
+    from icl.models.pretrained import tokenizer_for
+    from icl.training.config import ConfigError, load_run_config
+    from icl.training.trainer import train as run_training
+
+    try:
+        run = load_run_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    dataset = _read(data, fmt)
+    if "val" not in dataset.splits():
+        try:
+            dataset = carve_val_split(dataset, run.train.val_fraction, run.train.seed)
+        except DatasetError as exc:
+            raise _fail(str(exc)) from None
+        console.print(f"no val split: carved {run.train.val_fraction:.0%} of train identities")
+    console.print(dataset.summary(), highlight=False)
+    try:
+        result = run_training(
+            run,
+            dataset.split("train"),
+            dataset.split("val"),
+            out,
+            tokenizer_for(run.model),
+            resume=resume,
+            data_note=f"{dataset.format} {data}",
+        )
+    except (FileExistsError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    val = result.best_val
+    console.print(
+        f"best epoch {result.best_epoch}: val R1 {val['r1']:.2f} mAP {val['map']:.2f}; "
+        f"{result.seconds / 60:.1f} min of training; checkpoint {out / 'best.pt'}",
+        highlight=False,
+    )
+
+
+def machine_facts() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+
+
+def eval_(
+    data: Annotated[Path, typer.Option(help="Dataset root.")],
+    checkpoint: Annotated[Path, typer.Option(help="Dual-encoder checkpoint (icl format).")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="Dataset format.")] = None,
+    threads: Annotated[int, typer.Option(min=1)] = 2,
+) -> None:
+    """Rank every caption of a split against its images; print R1/R5/R10/mAP/mINP/rSum."""
+    import torch
+
+    from icl.data.readers import DatasetError
+    from icl.evaluation import evaluate, retrieval_set
+    from icl.images import ImageRejected
+    from icl.models.dual_encoder import CheckpointError, load_checkpoint
+    from icl.models.pretrained import tokenizer_for
+
+    torch.set_num_threads(threads)
+    if not checkpoint.is_file():
+        raise _fail(f"checkpoint {checkpoint} does not exist")
+    try:
+        model = load_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise _fail(str(exc)) from None
+    dataset = _read(data, fmt)
+    try:
+        records = dataset.split(split)
+        started = time.perf_counter()
+        data_set = retrieval_set(records, model.config.image_size)
+    except (DatasetError, ImageRejected) as exc:
+        raise _fail(str(exc)) from None
+    metrics = evaluate(model, data_set, tokenizer_for(model.config))
+    seconds = time.perf_counter() - started
+    table = Table(
+        title=f"{dataset.format} {split}: {metrics.queries} queries x {len(records)} images",
+        title_justify="left",
+    )
+    for column in ("R1", "R5", "R10", "mAP", "mINP", "rSum"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        *(
+            f"{v:.2f}"
+            for v in (metrics.r1, metrics.r5, metrics.r10, metrics.map, metrics.minp, metrics.rsum)
+        )
+    )
+    console.print(table)
+    if metrics.queries_without_positive:
+        console.print(
+            f"{metrics.queries_without_positive} queries had no positive and are left out"
+        )
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "dataset": dataset.format,
+            "data": str(data),
+            "split": split,
+            "checkpoint": str(checkpoint),
+            "metrics": metrics.as_dict(),
+            "seconds": round(seconds, 2),
+            "machine": machine_facts(),
+        }
+        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+        console.print(f"metrics written to {json_out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(synth)
+    app.command()(train)
+    app.command("eval")(eval_)

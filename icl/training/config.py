@@ -1,0 +1,73 @@
+"""Run configuration: `[model]` (icl.models.config.ModelConfig) and `[train]` in one TOML file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from icl.models.config import ModelConfig
+
+
+class TrainConfig(BaseModel):
+    """Optimisation and augmentation. Defaults are the paper's (ICL-METHOD.md section 2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=60, ge=1)
+    batch_size: int = Field(default=64, ge=2)
+    loss: Literal["tal", "sdm"] = "tal"
+    tal_tau: float = Field(default=0.015, gt=0)
+    tal_margin: float = 0.1
+    sdm_scale: float = Field(default=50.0, gt=0)
+    lr: float = Field(default=1e-5, gt=0)  # towers
+    head_lr: float = Field(default=1e-3, gt=0)  # TSE heads
+    weight_decay: float = Field(default=4e-5, ge=0)
+    warmup_epochs: float = Field(default=5, ge=0)
+    warmup_factor: float = Field(default=0.1, gt=0, le=1)
+    # Image augmentation on the model's input size: horizontal flip, zero pad + random crop,
+    # random erasing with this probability.
+    flip: bool = True
+    pad: int = Field(default=10, ge=0)
+    erasing: float = Field(default=0.5, ge=0, le=1)
+    # Text augmentation: each caption token is, with this probability, deleted or replaced
+    # by a random token of the batch (half each).
+    text_aug: float = Field(default=0.2, ge=0, lt=1)
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)  # carved from train if no val split
+    select_metric: Literal["r1", "map", "rsum"] = "rsum"
+    seed: int = 0
+    threads: int = Field(default=1, ge=1)  # one thread is fastest on a busy 2-core machine
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be read; the message names the file and the field."""
+
+
+def load_run_config(path: Path) -> RunConfig:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(
+            f"{path}: {where}: {first['msg']} ({exc.error_count()} problem(s))"
+        ) from None
+
+
+__all__ = ["ConfigError", "RunConfig", "TrainConfig", "load_run_config"]
