@@ -17,7 +17,6 @@ import torch
 
 from icl.models.dual_encoder import DualEncoder
 from icl.onnx_encoders import onnx_session
-from icl.text.tokenizer import ClipTokenizer
 
 OPSET = 17
 MIN_COSINE_FP32 = 0.9999
@@ -86,7 +85,9 @@ def export_dual_encoder(
     """Write both towers to ONNX, validate them with onnx.checker and check parity."""
     model = model.eval()
     cfg = model.config
-    ids = ClipTokenizer(cfg.context_length)(PARITY_TEXTS)
+    from icl.models.pretrained import tokenizer_for
+
+    ids = tokenizer_for(cfg)(PARITY_TEXTS)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(4, *cfg.image_size, 3), dtype=np.uint8)
     _export(model.text, torch.from_numpy(ids[:2]), "input_ids", text_path)

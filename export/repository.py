@@ -16,6 +16,8 @@ from pathlib import Path
 
 from icl.export.onnx_export import ParityReport, export_dual_encoder
 from icl.models.dual_encoder import DualEncoder
+from icl.models.pretrained import tokenizer_files
+from icl.text.hf_tokenizer import TOKENIZER_FILE
 
 TEXT_ENCODER = "text_encoder"
 IMAGE_ENCODER = "image_encoder"
@@ -83,6 +85,9 @@ def write_repository(
     (out / IMAGE_ENCODER / "config.pbtxt").write_text(
         render_image_encoder_config(cfg.image_size, cfg.output_dim, s)
     )
+    if cfg.text_tower.kind == "hf_encoder":
+        # The served text model tokenises with the file shipped next to its graph.
+        shutil.copyfile(tokenizer_files(cfg)[0], out / TEXT_ENCODER / "1" / TOKENIZER_FILE)
     return export_dual_encoder(
         model, out / TEXT_ENCODER / "1" / "model.onnx", out / IMAGE_ENCODER / "1" / "model.onnx"
     )

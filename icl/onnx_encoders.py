@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from icl.text.tokenizer import ClipTokenizer
+from icl.text.hf_tokenizer import serving_tokenizer
 
 
 def onnx_session(path: Path, threads: int = 1) -> ort.InferenceSession:
@@ -26,7 +26,7 @@ class OnnxEncoders:
     def __init__(self, text_onnx: Path, image_onnx: Path, threads: int = 1) -> None:
         self._text = onnx_session(text_onnx, threads)
         self._image = onnx_session(image_onnx, threads)
-        self._tokenizer = ClipTokenizer(self._text.get_inputs()[0].shape[1])
+        self._tokenizer = serving_tokenizer(text_onnx.parent, self._text.get_inputs()[0].shape[1])
         _, h, w, _ = self._image.get_inputs()[0].shape
         self._image_size = (int(h), int(w))
 

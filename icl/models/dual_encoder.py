@@ -109,7 +109,14 @@ def calibrate_batchnorm(model: DualEncoder, pixels: torch.Tensor) -> DualEncoder
     An untrained image tower with default statistics maps every crop to nearly the same
     vector; calibrated statistics spread the embeddings so rankings are well defined.
     """
-    norms = [m for m in model.image.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # Pretrained trunks keep the statistics they were trained with.
+    norms = [
+        m
+        for m in model.image.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and all(p.requires_grad for p in m.parameters())
+        and not _inside_pretrained(model.image, m)
+    ]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the calibration batch
@@ -118,6 +125,13 @@ def calibrate_batchnorm(model: DualEncoder, pixels: torch.Tensor) -> DualEncoder
     for norm in norms:
         norm.momentum = 0.1
     return model.eval()
+
+
+def _inside_pretrained(root: nn.Module, module: nn.Module) -> bool:
+    return any(
+        getattr(parent, "pretrained", False) and any(m is module for m in parent.modules())
+        for parent in root.modules()
+    )
 
 
 def save_checkpoint(
@@ -155,7 +169,16 @@ def load_checkpoint(path: Path) -> DualEncoder:
             f"{path}: not an icl dual-encoder checkpoint (expected format {CHECKPOINT_FORMAT}; "
             "convert CLIP/RDE/IRRA weights with `icl convert`)"
         )
-    model = DualEncoder(ModelConfig.model_validate(blob["config"]))
+    cfg = ModelConfig.model_validate(blob["config"])
+    # The checkpoint holds every weight: do not read a pretrained tower's file again (it may
+    # not exist on the machine that loads the checkpoint).
+    build_cfg = cfg
+    if getattr(cfg.image_tower, "weights", None):
+        build_cfg = cfg.model_copy(
+            update={"image_tower": cfg.image_tower.model_copy(update={"weights": None})}
+        )
+    model = DualEncoder(build_cfg)
+    model.config = cfg
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

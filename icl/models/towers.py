@@ -139,7 +139,7 @@ def build_image_tower(cfg: ImageTowerConfig, model: ModelConfig) -> nn.Module:
         return ClipVisionBackbone(cfg, model.embed_dim, model.image_size)
     from icl.models.pretrained import MobileNetV2Backbone
 
-    return MobileNetV2Backbone(cfg, model.embed_dim)
+    return MobileNetV2Backbone(cfg, model.embed_dim, model.image_size)
 
 
 def build_text_tower(cfg: TextTowerConfig, model: ModelConfig) -> nn.Module:

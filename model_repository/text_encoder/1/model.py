@@ -5,17 +5,22 @@ the tokenizer. The ONNX graph next to this file runs on onnxruntime. Requests ga
 Triton's dynamic batcher are run as one onnxruntime batch.
 """
 
+from pathlib import Path
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from icl.text.tokenizer import ClipTokenizer
+from icl.text.hf_tokenizer import serving_tokenizer
 from icl.triton_models import load_onnx_session
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.session = load_onnx_session(args, {"EMBEDDING": "embedding"})
-        self.tokenizer = ClipTokenizer(self.session.get_inputs()[0].shape[1])
+        # A tokenizer.json shipped next to the ONNX graph (transformers text towers) wins;
+        # otherwise CLIP BPE, the tokenizer of CLIP-style towers.
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.tokenizer = serving_tokenizer(folder, self.session.get_inputs()[0].shape[1])
 
     def execute(self, requests):
         texts, owners, responses = [], [], [None] * len(requests)
