@@ -168,7 +168,48 @@ def eval_(
         console.print(f"metrics written to {json_out}")
 
 
+def convert(
+    source: Annotated[Path, typer.Argument(help="OpenAI CLIP ViT-B/16, RDE/ICL or IRRA file.")],
+    out: Annotated[Path, typer.Option(help="icl checkpoint to write.")],
+    context_length: Annotated[
+        int | None,
+        typer.Option(help="Text length (77; 168 for UFine6926). Default: the checkpoint's."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Run config whose [model] the weights fit (default: ViT-B/16)."),
+    ] = None,
+    half: Annotated[bool, typer.Option("--half", help="Store weights as fp16.")] = False,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle", help="Allow a full unpickle (only for files from a trusted source)."
+        ),
+    ] = False,
+) -> None:
+    """Convert a released checkpoint into an icl dual-encoder checkpoint, with a key report."""
+    from icl.models.config import vit_b16_config
+    from icl.models.convert import ConversionError, convert_to_file
+    from icl.training.config import ConfigError, load_run_config
+
+    if not source.is_file():
+        raise _fail(f"{source} does not exist")
+    cfg = vit_b16_config(context_length) if context_length else None
+    if config is not None:
+        try:
+            cfg = load_run_config(config).model
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
+    try:
+        report = convert_to_file(source, out, cfg, half=half, trust_pickle=trust_pickle)
+    except ConversionError as exc:
+        raise _fail(str(exc)) from None
+    console.print(report.summary(), highlight=False)
+    console.print(f"checkpoint written to {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(synth)
     app.command()(train)
     app.command("eval")(eval_)
+    app.command()(convert)
