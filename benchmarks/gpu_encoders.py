@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from icl.models.config import ModelConfig, vit_b16_config
 from icl.models.dual_encoder import build_model
