@@ -39,15 +39,17 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _load_model(checkpoint: Path | None, seed: int) -> Any:
-    from icl.models.dual_encoder import load_checkpoint
-    from icl.synthetic.demo_gallery import random_demo_encoder
+def _load_model(checkpoint: Path | None) -> Any:
+    from icl.demo import DEMO_WEIGHTS, demo_path
+    from icl.models.dual_encoder import CheckpointError, load_checkpoint
 
-    if checkpoint is None:
-        return random_demo_encoder(seed)
+    checkpoint = checkpoint or demo_path(DEMO_WEIGHTS)
     if not checkpoint.is_file():
         raise _fail(f"checkpoint {checkpoint} does not exist")
-    return load_checkpoint(checkpoint)
+    try:
+        return load_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()
@@ -55,11 +57,8 @@ def export(
     out: Annotated[Path, typer.Option(help="Model repository to write.")] = WORKDIR
     / "model_repository",
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Dual-encoder checkpoint (default: random weights).")
+        Path | None, typer.Option(help="Dual-encoder checkpoint (default: the demo model).")
     ] = None,
-    seed: Annotated[
-        int, typer.Option(help="Seed of the random weights when no checkpoint is given.")
-    ] = 0,
     instances: Annotated[int, typer.Option(min=1, help="Triton instances per model.")] = 1,
     threads: Annotated[
         int, typer.Option(min=1, help="onnxruntime intra-op threads per instance.")
@@ -74,7 +73,7 @@ def export(
         max_batch_size=max_batch_size, instances=instances, intra_op_threads=threads
     )
     try:
-        reports = write_repository(_load_model(checkpoint, seed), out, settings)
+        reports = write_repository(_load_model(checkpoint), out, settings)
     except ParityError as exc:
         raise _fail(str(exc)) from None
     for r in reports:
@@ -198,7 +197,7 @@ def demo(
     images: Annotated[int, typer.Option(min=1, max=100_000, help="Demo gallery size.")] = 300,
     port: Annotated[int, typer.Option(help="Orchestrator port (0: a free port).")] = 0,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Dual-encoder checkpoint (default: random weights).")
+        Path | None, typer.Option(help="Dual-encoder checkpoint (default: the demo model).")
     ] = None,
     check: Annotated[
         bool, typer.Option("--check", help="Run sample searches and exit instead of serving.")
@@ -211,7 +210,7 @@ def demo(
 
     repo = workdir / "model_repository"
     with console.status("exporting the demo encoders to ONNX"):
-        write_repository(_load_model(checkpoint, 0), repo)
+        write_repository(_load_model(checkpoint), repo)
     triton_server = TritonServer(repo, workdir / "tritonserver.log")
     try:
         with console.status("starting tritonserver"):
@@ -262,9 +261,16 @@ async def _demo(config: Any, n_images: int, check: bool) -> bool:
             queries = demo_queries()
             if check:
                 found = True
-                for text in queries:
+                for person, text in enumerate(queries):
                     response = await stub.Search(search_request(text, top_k=5), timeout=30)
                     print_hits(text, response)
+                    # Demo image ids start with the identity they show (p00000-0, ...).
+                    ranks = [
+                        rank
+                        for rank, hit in enumerate(response.hits, 1)
+                        if hit.image_id.startswith(f"p{person:05d}-")
+                    ]
+                    console.print(f"described person at ranks {ranks or 'none'} of the top 5")
                     found = found and len(response.hits) > 0
                 return found
         console.print(

@@ -36,7 +36,14 @@ def synth(
         summary = write_synthetic_dataset(out, ids, seed, difficulty, progress=True)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"{summary} in {time.perf_counter() - started:.1f} s", highlight=False)
+    per_split = ", ".join(
+        f"{name} {summary.ids[name]} ids / {summary.images[name]} images" for name in summary.ids
+    )
+    console.print(
+        f"wrote {out} ({difficulty}, seed {seed}): {per_split}; "
+        f"{sum(summary.captions.values())} captions in {time.perf_counter() - started:.1f} s",
+        highlight=False,
+    )
 
 
 def _read(data: Path, fmt: str | None) -> Any:

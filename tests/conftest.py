@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from icl.demo import DEMO_WEIGHTS, demo_path
 from icl.export.repository import write_repository
+from icl.models.dual_encoder import load_checkpoint
 from icl.orchestrator.tritonserver import TritonServer
-from icl.synthetic.demo_gallery import random_demo_encoder
 from tests.helpers import LAUNCHED, RunningOrchestrator, start_orchestrator, start_triton
 
 
 @pytest.fixture(scope="session")
 def demo_model():
-    return random_demo_encoder(seed=0)
+    return load_checkpoint(demo_path(DEMO_WEIGHTS))
 
 
 @pytest.fixture(scope="session")

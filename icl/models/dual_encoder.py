@@ -102,38 +102,6 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> DualEncoder:
     return DualEncoder(cfg).eval()
 
 
-@torch.no_grad()
-def calibrate_batchnorm(model: DualEncoder, pixels: torch.Tensor) -> DualEncoder:
-    """Set the image branch's batch-norm statistics from real crops.
-
-    An untrained image tower with default statistics maps every crop to nearly the same
-    vector; calibrated statistics spread the embeddings so rankings are well defined.
-    """
-    # Pretrained trunks keep the statistics they were trained with.
-    norms = [
-        m
-        for m in model.image.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and all(p.requires_grad for p in m.parameters())
-        and not _inside_pretrained(model.image, m)
-    ]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the calibration batch
-    model.image.train()
-    model.image(pixels)
-    for norm in norms:
-        norm.momentum = 0.1
-    return model.eval()
-
-
-def _inside_pretrained(root: nn.Module, module: nn.Module) -> bool:
-    return any(
-        getattr(parent, "pretrained", False) and any(m is module for m in parent.modules())
-        for parent in root.modules()
-    )
-
-
 def save_checkpoint(
     model: DualEncoder, path: Path, *, half: bool = False, extra: dict[str, Any] | None = None
 ) -> None:
@@ -201,7 +169,6 @@ __all__ = [
     "ImageBranch",
     "TextBranch",
     "build_model",
-    "calibrate_batchnorm",
     "checkpoint_extra",
     "load_checkpoint",
     "save_checkpoint",

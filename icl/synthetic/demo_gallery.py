@@ -6,12 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from icl.demo import DEMO_CONFIG, demo_path
-from icl.images import decode_crop, encode_png
-from icl.models.config import ModelConfig
-from icl.models.dual_encoder import DualEncoder, build_model, calibrate_batchnorm
+from icl.images import encode_png
 from icl.reid.v1 import person_search_pb2 as pb
 from icl.synthetic.world import Person, caption, render, sample_person
 
@@ -69,22 +65,3 @@ def demo_queries(seed: int = 0, count: int = 3) -> list[str]:
     people_rng = np.random.default_rng(seed)
     people = [sample_person(people_rng, i) for i in range(count)]
     return [caption(p, np.random.default_rng([seed, 2, p.person_id])) for p in people]
-
-
-def demo_model_config() -> ModelConfig:
-    """The model section of the demo run config (icl/demo/dual_encoder.toml)."""
-    from icl.training.config import load_run_config
-
-    return load_run_config(demo_path(DEMO_CONFIG)).model
-
-
-def random_demo_encoder(seed: int = 0, calibration_images: int = 256) -> DualEncoder:
-    """Random-weight dual encoder with batch-norm statistics calibrated on synthetic crops.
-
-    Stands in until a trained checkpoint is given: rankings are deterministic and well
-    separated, but they do not follow the text.
-    """
-    model = build_model(demo_model_config(), seed=seed)
-    size = model.config.image_size
-    crops = [decode_crop(d.png, size) for d in demo_gallery(calibration_images, seed=seed + 7919)]
-    return calibrate_batchnorm(model, torch.from_numpy(np.stack(crops)))
