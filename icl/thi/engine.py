@@ -1,0 +1,242 @@
+"""THI: test-time human-centred interaction (ICL-METHOD.md section 4), as pure logic.
+
+The engine sees a query, its top-K candidates of the base ranking (ids and base scores), a
+way to load candidate crops, an MLLM behind `icl.mllm.contract.Mllm`, and a VQA cache. It
+returns the anchor (if any), every P(Yes) it asked for, the anchor's VQA answers and the
+refined query, with counts of MLLM evaluations (image-prompt pairs, and text-only calls) and
+round trips. Re-encoding the refined query and fusing the scores belong to the caller
+(`fuse`), because only the caller knows its gallery (a Milvus collection online, a full
+similarity matrix offline); both use this module, so both rank the same way.
+
+Acceptance rule (as the public code behaves), with s1 the base score of rank 1:
+- s1 > xi: rank 1 is the anchor if it says Yes; otherwise there is no anchor;
+- s1 <= xi: walk ranks 1..K; if rank 1 says Yes, stop with no anchor (keep the base
+  ranking); otherwise the first later rank that says Yes is the anchor.
+
+Schedules: `reference` asks as the paper's code does (every candidate, one call each, VQA and
+aggregation for every anchor); `lean` asks only what the rule needs, either lazily (one
+candidate per round trip, stopping at the first decisive answer: fewest evaluations, the
+default) or as one batched call over the candidates the rule may need (fewest round trips);
+VQA answers come from the cache when present. Both schedules give identical anchors,
+answers and refined queries for a deterministic MLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from icl.mllm.contract import (
+    VQA_PROMPT,
+    Mllm,
+    aggregate_prompt,
+    anchor_prompt,
+    merge_answers,
+    parse_answers,
+)
+
+DEFAULT_CANDIDATES = 5
+DEFAULT_XI = 0.50  # 0.55 for ICFG-PEDES in the paper
+DEFAULT_LAMBDA = 0.8
+
+
+@dataclass(frozen=True)
+class ThiParams:
+    candidates: int = DEFAULT_CANDIDATES
+    xi: float = DEFAULT_XI
+    lam: float = DEFAULT_LAMBDA
+    yes_threshold: float = 0.5  # Yes iff P(Yes) > threshold (0.5: the Yes logit beats No)
+    schedule: Literal["lean", "reference"] = "lean"
+    walk: Literal["lazy", "batched"] = "lazy"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.candidates <= 50:
+            raise ValueError(f"THI candidates must be 1..50, got {self.candidates}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"THI lambda must be in [0, 1], got {self.lam}")
+        if not np.isfinite(self.xi) and self.xi not in (float("inf"), float("-inf")):
+            raise ValueError("THI xi must be a number")
+
+
+class VqaCache(Protocol):
+    """Answers per gallery image, keyed by the MLLM's model key (they do not see the query)."""
+
+    def get(self, image_id: str, model_key: str) -> list[str] | None: ...
+
+    def put(self, image_id: str, model_key: str, answers: list[str]) -> None: ...
+
+
+class DictVqaCache:
+    """In-memory cache (offline evaluation; tests)."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[str, str], list[str]] = {}
+
+    def get(self, image_id: str, model_key: str) -> list[str] | None:
+        return self.data.get((image_id, model_key))
+
+    def put(self, image_id: str, model_key: str, answers: list[str]) -> None:
+        self.data[(image_id, model_key)] = list(answers)
+
+
+@dataclass
+class ThiOutcome:
+    """What THI decided for one query. Positions index the candidate list (0 = rank 1)."""
+
+    anchor: int | None = None
+    p_yes: dict[int, float] = field(default_factory=dict)
+    answers: list[str] = field(default_factory=list)
+    refined_query: str = ""
+    evaluations: int = 0  # image-prompt pairs scored + generate calls
+    round_trips: int = 0
+    vqa_cached: bool = False
+    fallback_reason: str = ""
+
+
+def anchor_rule(s1: float, xi: float, yes: Sequence[bool]) -> int | None:
+    """The acceptance rule over yes/no answers of ranks 1..K (yes[0] is rank 1)."""
+    if not yes:
+        return None
+    if s1 > xi:
+        return 0 if yes[0] else None
+    if yes[0]:
+        return None
+    for position in range(1, len(yes)):
+        if yes[position]:
+            return position
+    return None
+
+
+def ranks_the_rule_may_need(s1: float, xi: float, k: int) -> list[int]:
+    return [0] if s1 > xi else list(range(k))
+
+
+ImageLoader = Callable[[Sequence[str]], Awaitable[list[np.ndarray]]]
+
+
+async def locate_anchor(
+    query: str,
+    candidate_ids: Sequence[str],
+    base_scores: Sequence[float],
+    load_images: ImageLoader,
+    mllm: Mllm,
+    params: ThiParams,
+    outcome: ThiOutcome,
+) -> int | None:
+    k = min(params.candidates, len(candidate_ids))
+    if k == 0:
+        return None
+    s1 = float(base_scores[0])
+    prompt = anchor_prompt(query)
+
+    async def ask(positions: list[int]) -> None:
+        images = await load_images([candidate_ids[p] for p in positions])
+        probs = await mllm.score(images, [prompt] * len(positions))
+        outcome.evaluations += len(positions)
+        outcome.round_trips += 1
+        for p, prob in zip(positions, probs, strict=True):
+            outcome.p_yes[p] = float(prob)
+
+    def yes(p: int) -> bool:
+        return outcome.p_yes[p] > params.yes_threshold
+
+    if params.schedule == "reference":
+        for p in range(k):  # the paper's code: one call per candidate, every candidate
+            await ask([p])
+        return anchor_rule(s1, params.xi, [yes(p) for p in range(k)])
+    needed = ranks_the_rule_may_need(s1, params.xi, k)
+    if params.walk == "batched":
+        await ask(needed)
+        return anchor_rule(s1, params.xi, [yes(p) for p in needed])
+    asked = 0
+    for p in needed:  # the first Yes decides: rank 1 -> no anchor (or the anchor if s1 > xi)
+        await ask([p])
+        asked += 1
+        if yes(p):
+            break
+    return anchor_rule(s1, params.xi, [yes(q) for q in range(asked)])
+
+
+async def run_thi(
+    query: str,
+    candidate_ids: Sequence[str],
+    base_scores: Sequence[float],
+    load_images: ImageLoader,
+    mllm: Mllm,
+    params: ThiParams,
+    cache: VqaCache | None = None,
+) -> ThiOutcome:
+    """Anchor, VQA of the anchor, aggregation. Any MLLM failure returns the base ranking's
+    outcome (no anchor) with the reason, never an exception."""
+    outcome = ThiOutcome()
+    try:
+        outcome.anchor = await locate_anchor(
+            query, candidate_ids, base_scores, load_images, mllm, params, outcome
+        )
+        if outcome.anchor is None:
+            return outcome
+        anchor_id = candidate_ids[outcome.anchor]
+        cached = None
+        if params.schedule == "lean" and cache is not None:
+            cached = cache.get(anchor_id, mllm.model_key)
+        if cached is not None:
+            outcome.answers, outcome.vqa_cached = list(cached), True
+        else:
+            (image,) = await load_images([anchor_id])
+            text = await mllm.generate([image], VQA_PROMPT)
+            outcome.evaluations += 1
+            outcome.round_trips += 1
+            outcome.answers = parse_answers(text)
+            if cache is not None:
+                cache.put(anchor_id, mllm.model_key, outcome.answers)
+        if mllm.can_generate:
+            outcome.refined_query = (
+                await mllm.generate([], aggregate_prompt(query, outcome.answers))
+            ).strip()
+            outcome.evaluations += 1
+            outcome.round_trips += 1
+        if not outcome.refined_query:
+            outcome.refined_query = merge_answers(query, outcome.answers)
+    except Exception as exc:  # any backend failure degrades to the base ranking
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        return ThiOutcome(
+            p_yes=outcome.p_yes,
+            evaluations=outcome.evaluations,
+            round_trips=outcome.round_trips,
+            fallback_reason=reason or type(exc).__name__,
+        )
+    return outcome
+
+
+def fuse(
+    base_scores: np.ndarray, refined_scores: np.ndarray, anchor_index: int, lam: float
+) -> np.ndarray:
+    """lambda * S_base + (1 - lambda) * S_ref with S_ref[anchor] pinned to 1."""
+    refined = np.array(refined_scores, dtype=np.float64, copy=True)
+    refined[anchor_index] = 1.0
+    return lam * np.asarray(base_scores, dtype=np.float64) + (1.0 - lam) * refined
+
+
+def reference_evaluations(params: ThiParams, anchored: bool, can_generate: bool) -> int:
+    """MLLM evaluations of the paper's schedule for one query (K yes/no + VQA + aggregation)."""
+    return params.candidates + (1 + int(can_generate) if anchored else 0)
+
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "DEFAULT_LAMBDA",
+    "DEFAULT_XI",
+    "DictVqaCache",
+    "ThiOutcome",
+    "ThiParams",
+    "VqaCache",
+    "anchor_rule",
+    "fuse",
+    "locate_anchor",
+    "ranks_the_rule_may_need",
+    "reference_evaluations",
+    "run_thi",
+]
