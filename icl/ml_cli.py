@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -117,6 +118,14 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="Dataset format.")] = None,
     threads: Annotated[int, typer.Option(min=1)] = 2,
+    thi: Annotated[
+        bool, typer.Option("--thi", help="Also run THI: tune xi/threshold on val, report here.")
+    ] = False,
+    mllm: Annotated[
+        Path | None, typer.Option(help="Demo MLLM weights for --thi (default: the committed).")
+    ] = None,
+    candidates: Annotated[int, typer.Option(min=1, max=50, help="THI's K.")] = 5,
+    lam: Annotated[float, typer.Option(min=0.0, max=1.0, help="THI's lambda.")] = 0.8,
 ) -> None:
     """Rank every caption of a split against its images; print R1/R5/R10/mAP/mINP/rSum."""
     import torch
@@ -160,9 +169,11 @@ def eval_(
         console.print(
             f"{metrics.queries_without_positive} queries had no positive and are left out"
         )
+    thi_result = _thi(model, dataset, split, mllm, candidates, lam) if thi else None
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
+            **({"thi": thi_result} if thi_result else {}),
             "dataset": dataset.format,
             "data": str(data),
             "split": split,
@@ -215,8 +226,98 @@ def convert(
     console.print(f"checkpoint written to {out}")
 
 
+def _metric_cells(m: dict) -> list[str]:
+    return [f"{m[k]:.2f}" for k in ("r1", "r5", "r10", "map", "minp")]
+
+
+def _thi(
+    model: Any, dataset: Any, split: str, mllm: Path | None, candidates: int, lam: float
+) -> dict:
+    from icl.mllm.demo import load_demo_backend, load_demo_mllm
+    from icl.thi.engine import ThiParams
+    from icl.thi.report import evaluate_thi
+
+    if split == "val":
+        raise _fail("--thi tunes on val: evaluate another split (e.g. --split test)")
+    backend = load_demo_mllm(mllm) if mllm else load_demo_backend()
+    with console.status("THI: scoring candidates, tuning on val, replaying on " + split):
+        result = evaluate_thi(
+            model, dataset, backend, split, "val", ThiParams(candidates=candidates, lam=lam)
+        )
+    table = Table(title=f"THI on {split} (xi and threshold tuned on val)", title_justify="left")
+    for column in ("row", "R1", "R5", "R10", "mAP", "mINP", "anchor rate", "anchor precision"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    for row in result["rows"]:
+        table.add_row(
+            row["name"],
+            *_metric_cells(row["metrics"]),
+            f"{100 * row['anchor_rate']:.1f}%",
+            f"{100 * row['anchor_precision']:.1f}%",
+        )
+    console.print(table)
+    rounds = Table(title="mAP / R1 per round (round r: candidates 1..r)", title_justify="left")
+    rounds.add_column("row")
+    tuned = result["rows"][1]
+    for r in range(len(tuned["rounds"])):
+        rounds.add_column(f"round {r}", justify="right")
+    for row in result["rows"][1:]:
+        rounds.add_row(row["name"], *(f"{m['map']:.2f} / {m['r1']:.2f}" for m in row["rounds"]))
+    console.print(rounds)
+    costs = Table(title="MLLM cost per query", title_justify="left")
+    for column in ("schedule", "evaluations", "round trips"):
+        costs.add_column(column, justify="left" if column == "schedule" else "right")
+    for name, cost in result["costs"].items():
+        costs.add_row(
+            name, f"{cost['evaluations_per_query']:.2f}", f"{cost['round_trips_per_query']:.2f}"
+        )
+    console.print(costs)
+    share = result["fits_caption_other_identity_share"]
+    console.print(
+        f"verifier accuracy on top-{candidates} candidates: "
+        f"{100 * result['verifier_accuracy_top_k']:.1f}%; "
+        + (
+            f"candidates that fit the caption but are another identity: {100 * share:.1f}%; "
+            if share is not None
+            else ""
+        )
+        + f"MLLM {result['mllm']}",
+        highlight=False,
+    )
+    return result
+
+
+def train_mllm(
+    data: Annotated[Path, typer.Option(help="A synthetic dataset written by `icl synth`.")],
+    out: Annotated[Path, typer.Option(help="Weights file to write.")],
+    image_epochs: Annotated[int, typer.Option(min=1)] = 15,
+    parser_captions: Annotated[int, typer.Option(min=100)] = 40000,
+    parser_epochs: Annotated[int, typer.Option(min=1)] = 6,
+) -> None:
+    """Train the demo MLLM (attribute VQA net + caption parser) on the synthetic world."""
+    from icl.data.readers import DatasetError
+    from icl.mllm.demo import save_demo_mllm
+    from icl.mllm.demo_training import train_demo_mllm
+
+    if not (data / "attributes.json").is_file():
+        raise _fail(f"{data} has no attributes.json: train-mllm needs a dataset from `icl synth`")
+    try:
+        model, report = train_demo_mllm(
+            data, image_epochs, parser_captions, parser_epochs, lambda s: console.print(s)
+        )
+    except DatasetError as exc:
+        raise _fail(str(exc)) from None
+    save_demo_mllm(model, out, extra=report)
+    console.print(
+        f"val pair accuracy {100 * report['val_pair_accuracy']:.1f}%, mean test attribute "
+        f"accuracy {100 * np.mean(list(report['test_attribute_accuracy'].values())):.1f}%; "
+        f"{report['seconds'] / 60:.1f} min; weights written to {out}",
+        highlight=False,
+    )
+
+
 def register(app: typer.Typer) -> None:
     app.command()(synth)
     app.command()(train)
     app.command("eval")(eval_)
     app.command()(convert)
+    app.command("train-mllm")(train_mllm)

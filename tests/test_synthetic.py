@@ -88,7 +88,11 @@ def test_splits_and_schema(small: Path) -> None:
     labels = json.loads((small / ATTRIBUTES_FILE).read_text())
     assert set(labels) == {r["file_path"] for r in records}
     for lab in labels.values():
-        assert set(ATTRIBUTE_NAMES) | {"view", "sibling_of"} == set(lab)
+        assert set(ATTRIBUTE_NAMES) | {"view", "sibling_of", "mentions"} == set(lab)
+        # Each caption's stated attributes are true of the person it describes.
+        assert len(lab["mentions"]) == 2
+        for mentions in lab["mentions"]:
+            assert mentions and all(lab[a] == v for a, v in mentions.items())
         assert lab["view"] in VIEWS
 
 

@@ -95,7 +95,8 @@ def write_synthetic_dataset(
     """Draw `ids` identities and write `out/imgs/<split>/<id:05d>_<k>.png` and the JSON files.
 
     `out/reid_raw.json` is the CUHK-PEDES annotation list; `out/attributes.json` maps each
-    file_path to the generator's labels (attributes, view, sibling source) for analysis.
+    file_path to the generator's labels (attributes, view, sibling source, and the attributes
+    each caption states) for analysis.
     """
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"unknown difficulty {difficulty!r}; known: {', '.join(DIFFICULTIES)}")
@@ -148,12 +149,13 @@ def write_synthetic_dataset(
                 pixels = render(person, rng, (h, w), view=view, jitter=preset.jitter)
                 rel = f"{split}/{pid:05d}_{k}.png"
                 (out / IMAGE_DIR / rel).write_bytes(_png(pixels))
-                caps = [
+                written = [
                     caption_with_mentions(
                         person, rng, view=view, mention_range=preset.mention_range
-                    )[0]
+                    )
                     for _ in range(captions_per_image)
                 ]
+                caps = [text for text, _ in written]
                 records.append(
                     {
                         "split": split,
@@ -167,6 +169,9 @@ def write_synthetic_dataset(
                     **person.attributes(),
                     "view": view,
                     "sibling_of": sibling_of.get(pid),
+                    # What each caption states, for analysis (e.g. which other identities
+                    # fit a caption); no model reads it.
+                    "mentions": [mentions for _, mentions in written],
                 }
                 if bar is not None:
                     bar.advance(task)

@@ -1,0 +1,227 @@
+"""THI over a full similarity matrix (`icl eval --thi`): per-round metrics, costs, diagnostics.
+
+Every query's top-K candidates are scored once (P(Yes) per candidate; the MLLM is
+deterministic), so any (xi, threshold) setting can be replayed without asking again: that is
+how xi and the Yes threshold are tuned on val. The reported configuration is then run through
+the engine itself (`icl.thi.engine.run_thi`, lean and reference schedules) to count MLLM
+evaluations and round trips, and its anchors are checked against the replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from icl.metrics import RetrievalMetrics, retrieval_metrics
+from icl.mllm.contract import VQA_PROMPT, MllmBackend, anchor_prompt, merge_answers, parse_answers
+from icl.thi.engine import DictVqaCache, ThiParams, anchor_rule, fuse, run_thi
+
+TextEncoder = Callable[[Sequence[str]], np.ndarray]
+
+
+@dataclass
+class ThiData:
+    """One split: base scores, queries, gallery images and embeddings."""
+
+    sims: np.ndarray  # [Q, G] base scores (served embeddings' inner products)
+    query_texts: Sequence[str]
+    query_ids: np.ndarray
+    gallery_ids: np.ndarray
+    gallery_images: Sequence[np.ndarray]  # what the MLLM sees (crops at their own size)
+    gallery_embeddings: np.ndarray  # [G, D]
+    encode_texts: TextEncoder
+    # Optional analysis: does gallery image g fit query q's caption (every stated attribute
+    # true of g)? Used for the "fits the caption but another identity" share.
+    fits_caption: Callable[[int, int], bool] | None = None
+
+
+@dataclass
+class Row:
+    name: str
+    params: ThiParams
+    metrics: RetrievalMetrics
+    anchor_rate: float
+    anchor_precision: float
+    rounds: list[RetrievalMetrics] = field(default_factory=list)
+
+
+class ThiReplay:
+    """Scores top-K candidates once, then replays the rule for any parameters."""
+
+    def __init__(self, data: ThiData, backend: MllmBackend, k: int, batch: int = 256) -> None:
+        self.data, self.backend, self.k = data, backend, k
+        self.order = np.argsort(-data.sims, axis=1, kind="stable")[:, :k]
+        self.top = np.take_along_axis(data.sims, self.order, axis=1)
+        self.p_yes = self._score_all(batch)
+        self._answers: dict[int, list[str]] = {}
+        self._refined: dict[tuple[int, int], np.ndarray] = {}
+
+    def _score_all(self, batch: int) -> np.ndarray:
+        q, k = self.order.shape
+        pairs = [(i, j) for i in range(q) for j in range(k)]
+        out = np.zeros((q, k))
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start : start + batch]
+            images = [self.data.gallery_images[int(self.order[i, j])] for i, j in chunk]
+            prompts = [anchor_prompt(self.data.query_texts[i]) for i, _ in chunk]
+            for (i, j), p in zip(chunk, self.backend.score(images, prompts), strict=True):
+                out[i, j] = p
+        return out
+
+    def perfect_p_yes(self) -> np.ndarray:
+        """A verifier that knows identities: Yes iff the candidate is the query's person."""
+        same = self.data.gallery_ids[self.order] == self.data.query_ids[:, None]
+        return same.astype(np.float64)
+
+    def anchors(self, params: ThiParams, p_yes: np.ndarray | None = None) -> np.ndarray:
+        """Gallery index of each query's anchor, -1 for none."""
+        p = self.p_yes if p_yes is None else p_yes
+        k = min(params.candidates, self.k)
+        out = np.full(len(self.order), -1)
+        for i in range(len(self.order)):
+            pos = anchor_rule(
+                float(self.top[i, 0]), params.xi, list(p[i, :k] > params.yes_threshold)
+            )
+            if pos is not None:
+                out[i] = self.order[i, pos]
+        return out
+
+    def answers(self, g: int) -> list[str]:
+        if g not in self._answers:
+            text = self.backend.generate([self.data.gallery_images[g]], VQA_PROMPT)
+            self._answers[g] = parse_answers(text)
+        return self._answers[g]
+
+    def refined_query(self, q: int, g: int) -> str:
+        # The demo backend cannot generate free text: the deterministic merge is used, as the
+        # engine does for such backends.
+        return merge_answers(self.data.query_texts[q], self.answers(g))
+
+    def fused(self, anchors: np.ndarray, lam: float) -> np.ndarray:
+        sims = self.data.sims.astype(np.float64, copy=True)
+        todo = [
+            (q, int(g))
+            for q, g in enumerate(anchors)
+            if g >= 0 and (q, int(g)) not in self._refined
+        ]
+        if todo:
+            emb = self.data.encode_texts([self.refined_query(q, g) for q, g in todo])
+            for (q, g), e in zip(todo, emb, strict=True):
+                self._refined[(q, g)] = e @ self.data.gallery_embeddings.T
+        for q, g in enumerate(anchors):
+            if g >= 0:
+                sims[q] = fuse(self.data.sims[q], self._refined[(q, int(g))], int(g), lam)
+        return sims
+
+    def evaluate(self, name: str, params: ThiParams, p_yes: np.ndarray | None = None) -> Row:
+        anchors = self.anchors(params, p_yes)
+        metrics = retrieval_metrics(
+            self.fused(anchors, params.lam), self.data.query_ids, self.data.gallery_ids
+        )
+        rounds = [retrieval_metrics(self.data.sims, self.data.query_ids, self.data.gallery_ids)]
+        for r in range(1, min(params.candidates, self.k) + 1):
+            a = self.anchors(replace(params, candidates=r), p_yes)
+            rounds.append(
+                retrieval_metrics(
+                    self.fused(a, params.lam), self.data.query_ids, self.data.gallery_ids
+                )
+            )
+        has = anchors >= 0
+        correct = self.data.gallery_ids[anchors[has]] == self.data.query_ids[has]
+        return Row(
+            name,
+            params,
+            metrics,
+            anchor_rate=float(has.mean()),
+            anchor_precision=float(correct.mean()) if has.any() else math.nan,
+            rounds=rounds,
+        )
+
+    def fits_other_identity_share(self, k: int) -> float | None:
+        """Share of top-K candidates that fit the caption but are another identity."""
+        fits = self.data.fits_caption
+        if fits is None:
+            return None
+        hits = total = 0
+        for q in range(len(self.order)):
+            for g in self.order[q, :k]:
+                total += 1
+                if self.data.gallery_ids[g] != self.data.query_ids[q] and fits(q, int(g)):
+                    hits += 1
+        return hits / max(1, total)
+
+    def candidate_accuracy(self, threshold: float, k: int) -> float:
+        """Verifier accuracy on the top-K candidates: Yes iff same identity."""
+        same = self.data.gallery_ids[self.order[:, :k]] == self.data.query_ids[:, None]
+        return float(((self.p_yes[:, :k] > threshold) == same).mean())
+
+
+def tune(
+    replay: ThiReplay, base: ThiParams, xis: Sequence[float], thresholds: Sequence[float]
+) -> ThiParams:
+    """The (xi, threshold) with the best R1 + mAP (ties: fewer anchors)."""
+    best, best_key = base, -math.inf
+    for xi in xis:
+        for thr in thresholds:
+            params = replace(base, xi=xi, yes_threshold=thr)
+            anchors = replay.anchors(params)
+            m = retrieval_metrics(
+                replay.fused(anchors, params.lam), replay.data.query_ids, replay.data.gallery_ids
+            )
+            key = m.r1 + m.map - 1e-6 * float((anchors >= 0).sum())
+            if key > best_key:
+                best, best_key = params, key
+    return best
+
+
+@dataclass
+class ScheduleCost:
+    evaluations_per_query: float
+    round_trips_per_query: float
+    anchors: np.ndarray
+
+
+def engine_cost(replay: ThiReplay, backend: MllmBackend, params: ThiParams) -> ScheduleCost:
+    """Run the engine itself over every query; count evaluations and round trips."""
+    data = replay.data
+
+    class Direct:  # the backend behind the async contract, without a thread hop per call
+        model_key = backend.model_key
+        can_generate = backend.can_generate
+
+        async def score(self, images, prompts):
+            return backend.score(images, prompts)
+
+        async def generate(self, images, prompt, max_tokens=256):
+            return backend.generate(images, prompt, max_tokens)
+
+    async def load(ids: Sequence[str]) -> list[np.ndarray]:
+        return [data.gallery_images[int(i)] for i in ids]
+
+    async def run_all() -> ScheduleCost:
+        cache = DictVqaCache()
+        mllm = Direct()
+        evaluations = trips = 0
+        anchors = np.full(len(replay.order), -1)
+        for q in range(len(replay.order)):
+            ids = [str(int(g)) for g in replay.order[q]]
+            out = await run_thi(
+                data.query_texts[q], ids, replay.top[q].tolist(), load, mllm, params, cache
+            )
+            if out.fallback_reason:
+                raise RuntimeError(f"query {q}: {out.fallback_reason}")
+            evaluations += out.evaluations
+            trips += out.round_trips
+            if out.anchor is not None:
+                anchors[q] = int(ids[out.anchor])
+        n = max(1, len(replay.order))
+        return ScheduleCost(evaluations / n, trips / n, anchors)
+
+    return asyncio.run(run_all())
+
+
+__all__ = ["Row", "ScheduleCost", "ThiData", "ThiReplay", "engine_cost", "tune"]

@@ -1,0 +1,184 @@
+"""Triton python-backend model `mllm`: any `MllmBackend` behind one decoupled model.
+
+The backend comes from config parameters (written by icl.export.mllm_repository):
+`backend` ("qwen2vl" | "demo"), `path` (model directory; relative paths are taken from this
+model's folder), `options` (JSON keyword arguments for the backend), `threads` (torch
+intra-op threads of this instance).
+
+Tensor contract (model_repository/README.md, docs/mllm.md):
+  inputs  TASK BYTES [1]          "score" | "generate" | "info"
+          IMAGES BYTES [-1]       encoded PNG/JPEG crops (optional: generate may have none)
+          PROMPTS BYTES [-1]      score: one per image or one for all; generate: exactly one
+          MAX_TOKENS INT32 [1]    generate only, optional
+  outputs P_YES FP32 [-1]         score: one response, one value per image
+          TEXT BYTES [1]          generate: streamed pieces; the last one carries the final flag
+          MODEL_KEY BYTES [1]     info: the backend's model_key, and CAN_GENERATE BOOL [1]
+Every request ends with exactly one response flagged final. A request this model refuses
+gets an error response starting with "invalid request:"; a backend failure one starting with
+"backend failed:"; the stub never dies on a request.
+"""
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from PIL import Image
+
+from icl.mllm.registry import load_backend
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+TASKS = ("score", "generate", "info")
+MAX_IMAGE_SIDE = 4096  # refuse decompression bombs before decoding
+
+log = logging.getLogger("mllm")
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+def _strings(request, name, required=True):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if required:
+            raise BadRequest(f"{name} is missing")
+        return None
+    return [v if isinstance(v, bytes) else bytes(v) for v in tensor.as_numpy().reshape(-1)]
+
+
+def _text(raw, name):
+    try:
+        return [r.decode("utf-8") for r in raw]
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"{name} is not valid UTF-8: {exc}") from None
+
+
+def _image(data, i):
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in ("PNG", "JPEG"):
+                raise BadRequest(f"IMAGES[{i}] is {img.format}, expected PNG or JPEG")
+            if max(img.size) > MAX_IMAGE_SIDE:
+                raise BadRequest(f"IMAGES[{i}] is {img.size}, larger than {MAX_IMAGE_SIDE} px")
+            return np.asarray(img.convert("RGB"))
+    except BadRequest:
+        raise
+    except Exception as exc:  # PIL raises several types for corrupt data
+        raise BadRequest(f"IMAGES[{i}] is not a decodable PNG/JPEG image: {exc}") from None
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        name = config["name"]
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise ValueError(f"model {name}: needs model_transaction_policy {{ decoupled: true }}")
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        threads = int(params.get("threads", "0") or 0)
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+        path = params.get("path") or None
+        if path and not Path(path).is_absolute():
+            path = str(Path(args["model_repository"]) / path)
+        options = json.loads(params.get("options") or "{}")
+        self.max_images = int(params.get("max_images", "64"))
+        self.max_tokens_limit = int(params.get("max_tokens_limit", "1024"))
+        self.backend = load_backend(params.get("backend", ""), path, **options)
+        self.model_key = self.backend.model_key
+        self.streams = bool(getattr(self.backend, "can_stream", False))
+        log.info("model %s: backend %s, model_key %s", name, params.get("backend"), self.model_key)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._handle(request, sender)
+            except BadRequest as exc:
+                self._error(sender, f"invalid request: {exc}")
+            except Cancelled:
+                sender.send(flags=FINAL)
+            except Exception as exc:  # never let one request take the stub down
+                log.exception("mllm request failed")
+                self._error(sender, f"backend failed: {type(exc).__name__}: {exc}")
+        return None
+
+    @staticmethod
+    def _error(sender, message):
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+
+    def _handle(self, request, sender):
+        task = _text(_strings(request, "TASK"), "TASK")
+        if len(task) != 1 or task[0] not in TASKS:
+            raise BadRequest(f"TASK must be one of {', '.join(TASKS)}; got {task}")
+        if task[0] == "info":
+            outputs = [
+                pb_utils.Tensor("MODEL_KEY", np.array([self.model_key.encode()], dtype=np.object_)),
+                pb_utils.Tensor("CAN_GENERATE", np.array([self.backend.can_generate], dtype=bool)),
+            ]
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
+            return
+        raw_images = _strings(request, "IMAGES", required=False) or []
+        if len(raw_images) > self.max_images:
+            raise BadRequest(f"{len(raw_images)} IMAGES, at most {self.max_images} per request")
+        prompts = _text(_strings(request, "PROMPTS", required=False) or [], "PROMPTS")
+        if task[0] == "score":
+            self._score(raw_images, prompts, sender)
+        else:
+            self._generate(request, raw_images, prompts, sender)
+
+    def _score(self, raw_images, prompts, sender):
+        if not raw_images:
+            raise BadRequest("score needs at least one image in IMAGES")
+        if len(prompts) not in (1, len(raw_images)):
+            raise BadRequest(f"score needs 1 or {len(raw_images)} PROMPTS, got {len(prompts)}")
+        images = [_image(data, i) for i, data in enumerate(raw_images)]
+        p_yes = np.asarray(self.backend.score(images, prompts), dtype=np.float32)
+        if p_yes.shape != (len(images),):
+            raise RuntimeError(f"backend returned {p_yes.shape} scores for {len(images)} images")
+        out = pb_utils.Tensor("P_YES", p_yes)
+        sender.send(pb_utils.InferenceResponse(output_tensors=[out]), flags=FINAL)
+
+    def _generate(self, request, raw_images, prompts, sender):
+        if not self.backend.can_generate:
+            raise BadRequest(f"backend {self.model_key} cannot generate text")
+        if len(prompts) != 1:
+            raise BadRequest(f"generate needs exactly one prompt in PROMPTS, got {len(prompts)}")
+        max_tokens = self.max_tokens_limit
+        tensor = pb_utils.get_input_tensor_by_name(request, "MAX_TOKENS")
+        if tensor is not None:
+            values = tensor.as_numpy().reshape(-1)
+            if values.size != 1 or not 1 <= int(values[0]) <= self.max_tokens_limit:
+                raise BadRequest(f"MAX_TOKENS must be one value in 1..{self.max_tokens_limit}")
+            max_tokens = int(values[0])
+        images = [_image(data, i) for i, data in enumerate(raw_images)]
+
+        def text_response(piece):
+            out = pb_utils.Tensor("TEXT", np.array([piece.encode("utf-8")], dtype=np.object_))
+            return pb_utils.InferenceResponse(output_tensors=[out])
+
+        if not self.streams:
+            text = self.backend.generate(images, prompts[0], max_tokens)
+            sender.send(text_response(text), flags=FINAL)
+            return
+        # Hold one piece back so the last piece can carry the final flag (clients cannot ask
+        # for an empty final response through tritonclient's aio stream_infer).
+        held = []
+
+        def on_text(piece):
+            if getattr(sender, "is_cancelled", lambda: False)():
+                raise Cancelled
+            if held:
+                sender.send(text_response(held.pop()))
+            held.append(piece)
+
+        self.backend.generate(images, prompts[0], max_tokens, on_text=on_text)
+        sender.send(text_response(held.pop() if held else ""), flags=FINAL)
