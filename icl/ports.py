@@ -6,7 +6,7 @@ and in-process onnxruntime/torch for offline evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,7 +66,9 @@ class GalleryFilter:
 class Gallery(Protocol):
     dim: int
 
-    def upsert(self, records: Sequence[GalleryRecord]) -> None: ...
+    def upsert(self, records: Sequence[GalleryRecord]) -> None:
+        """Store rows; a row with an existing id replaces it (and its cached VQA answers)."""
+        ...
 
     def search(self, vector: np.ndarray, top_k: int, where: GalleryFilter) -> list[GalleryHit]: ...
 
@@ -75,3 +77,15 @@ class Gallery(Protocol):
     def unknown_cameras(self, camera_ids: Sequence[str]) -> list[str]: ...
 
     def count(self) -> int: ...
+
+    def fetch(self, image_ids: Sequence[str]) -> list[GalleryRecord]:
+        """Stored rows for the ids that exist, in the given order."""
+        ...
+
+    def get_vqa(self, image_ids: Sequence[str], model_key: str) -> dict[str, list[str]]:
+        """Cached VQA answers stored under exactly `model_key` (e.g. MLLM name and version)."""
+        ...
+
+    def put_vqa(self, answers: Mapping[str, list[str]], model_key: str) -> None:
+        """Cache answers per image id under `model_key`, keeping every other field."""
+        ...

@@ -1,49 +1,100 @@
 """The gallery in Milvus: one adapter for Milvus Lite (a local data dir) and a Milvus server.
 
-Rows: image_id (the caller's id, primary key), camera_id, captured_at_ms, track_id,
-image_uri, embedding (normalised; inner product = retrieval score). Filters are built only
-from typed values that passed `validation`, and every string is quoted with json.dumps, so
-no request value can change the meaning of an expression.
+Rows (docs/gallery.md): image_id (the caller's id, primary key), camera_id, captured_at_ms,
+track_id, image_uri, vqa (cached MLLM answers as JSON, keyed by model), embedding (one
+L2-normalised vector whose inner product is the ICL score). Filters are built only from
+typed values that match the strict patterns in `validation`, and every string is quoted
+with json.dumps, so no request value can change the meaning of an expression.
+
+The adapter hides what differs between Milvus Lite 3.x and a Milvus 2.3+ server
+(/work/shared/PLATFORM-NOTES.md): index params sent flat and nested, upsert only (duplicate
+keys behave differently), explicit output fields, load at start, Session consistency for
+read-your-writes, counts by query, delete counts taken before deleting, vector checks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
+from icl.orchestrator.validation import CAMERA_ID, IMAGE_ID, MAX_CAMERA_IDS, MAX_IDS_PER_DELETE
 from icl.ports import GalleryFilter, GalleryHit, GalleryRecord
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FIELDS = ["camera_id", "captured_at_ms", "track_id", "image_uri"]
+# HNSW: both Milvus Lite and the server accept it (Lite also takes FLAT, IVF_FLAT, IVF_SQ8,
+# AUTOINDEX). M 16 / efConstruction 200 gave recall@10 >= 0.99 at 100k (docs/gallery.md).
+INDEX_TYPE = "HNSW"
 HNSW = {"M": 16, "efConstruction": 200}
+# IP, not COSINE: vectors are stored L2-normalised and their inner product *is* the ICL
+# score (BGE and TSE halves each scaled by 1/sqrt(2)); COSINE would renormalise every
+# vector on every call for the same ranking.
+METRIC = "IP"
 SEARCH_EF = 128
 FILTERED_SEARCH_EF = 1024  # a filter that keeps ~10% of rows needs a wide beam for recall
+# Session: a client reads its own upserts (an acknowledged Enroll is searchable at once)
+# without Strong's wait for the next time tick (200 ms per call on a 2.3 server). Session
+# does not cover deletes on 2.3.5, so reads go Strong for a moment after one.
+# Lite is always strongly consistent.
+CONSISTENCY = "Session"
+STRONG_AFTER_DELETE_S = 1.0
 QUERY_PAGE = 16384  # Milvus' largest query window
+VQA_MAX_CHARS = 65535  # VARCHAR's maximum; answers of a few MLLM versions fit easily
+MAX_MODEL_KEY_CHARS = 256
+NORM_TOLERANCE = 1e-3
+
+SCHEMA_FIELDS = {
+    "image_id": DataType.VARCHAR,
+    "camera_id": DataType.VARCHAR,
+    "captured_at_ms": DataType.INT64,
+    "track_id": DataType.VARCHAR,
+    "image_uri": DataType.VARCHAR,
+    "vqa": DataType.VARCHAR,
+    "embedding": DataType.FLOAT_VECTOR,
+}
+META_FIELDS = ["camera_id", "captured_at_ms", "track_id", "image_uri"]
+OUTPUT_FIELDS = META_FIELDS  # kept for callers of the first version
 
 
 class GalleryError(RuntimeError):
-    """The gallery cannot serve (schema mismatch, unreachable server, ...)."""
+    """The gallery cannot serve (schema mismatch, unreachable server, bad vector, ...)."""
 
 
 def is_local_uri(uri: str) -> bool:
     return "://" not in uri
 
 
+def _quoted(values: Sequence[str], pattern: Any, what: str) -> str:
+    """A Milvus list literal of strings that all match `pattern` (defence in depth)."""
+    for value in values:
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise ValueError(f"{what} {str(value)[:40]!r} must match {pattern.pattern}")
+    return json.dumps(list(values))
+
+
 def filter_expression(where: GalleryFilter) -> str:
+    """The Milvus boolean expression for typed filter fields ("" when unfiltered)."""
     parts = []
     if where.camera_ids:
-        parts.append(f"camera_id in {json.dumps(list(where.camera_ids))}")
+        if len(where.camera_ids) > MAX_CAMERA_IDS:
+            raise ValueError(f"{len(where.camera_ids)} camera ids; at most {MAX_CAMERA_IDS}")
+        parts.append(f"camera_id in {_quoted(where.camera_ids, CAMERA_ID, 'camera id')}")
     if where.start_ms is not None:
         parts.append(f"captured_at_ms >= {int(where.start_ms)}")
     if where.end_ms is not None:
         parts.append(f"captured_at_ms <= {int(where.end_ms)}")
     return " and ".join(parts)
+
+
+def ids_expression(image_ids: Sequence[str]) -> str:
+    return f"image_id in {_quoted(image_ids, IMAGE_ID, 'image id')}"
 
 
 class MilvusGallery:
@@ -53,7 +104,9 @@ class MilvusGallery:
         self.uri = uri
         self.dim = dim
         self.collection = collection
-        if is_local_uri(uri):
+        self.local = is_local_uri(uri)
+        self._strong_until = 0.0
+        if self.local:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._client = MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
@@ -62,43 +115,74 @@ class MilvusGallery:
             # repr() of a MilvusException is empty and the token must never reach a log.
             raise GalleryError(f"Milvus at {self._safe_uri()}: {exc.code} {exc.message}") from None
 
+    def _consistency(self) -> str:
+        return "Strong" if time.monotonic() < self._strong_until else CONSISTENCY
+
     def _safe_uri(self) -> str:
         return self.uri.split("@")[-1] if "@" in self.uri else self.uri
 
     def _ensure_collection(self) -> None:
         c = self._client
         if c.has_collection(self.collection):
-            fields = {f["name"]: f for f in c.describe_collection(self.collection)["fields"]}
-            have = int(fields.get("embedding", {}).get("params", {}).get("dim", -1))
-            if have != self.dim:
-                raise GalleryError(
-                    f"collection {self.collection!r} stores {have}-d embeddings but the encoder "
-                    f"gives {self.dim}-d; use another collection or re-enrol the gallery"
-                )
+            self._check_schema(c.describe_collection(self.collection)["fields"])
         else:
             schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("image_id", DataType.VARCHAR, is_primary=True, max_length=128)
+            # Real fields, not dynamic ones: filters on dynamic fields are many times slower.
+            # No partition key on camera_id: Milvus 2.3.5 returned no hits for filtered
+            # searches on a partition-key collection (docs/gallery.md); a wide ef keeps
+            # filtered recall instead.
             schema.add_field("camera_id", DataType.VARCHAR, max_length=64)
             schema.add_field("captured_at_ms", DataType.INT64)
             schema.add_field("track_id", DataType.VARCHAR, max_length=64)
             schema.add_field("image_uri", DataType.VARCHAR, max_length=1024)
+            schema.add_field("vqa", DataType.VARCHAR, max_length=VQA_MAX_CHARS)
             schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=self.dim)
             index = c.prepare_index_params()
             # Milvus Lite drops flat build params; pass them flat and nested (both accept it).
-            index.add_index("embedding", index_type="HNSW", metric_type="IP", **HNSW, params=HNSW)
-            c.create_collection(self.collection, schema=schema, index_params=index)
+            index.add_index(
+                "embedding", index_type=INDEX_TYPE, metric_type=METRIC, **HNSW, params=HNSW
+            )
+            c.create_collection(
+                self.collection, schema=schema, index_params=index, consistency_level=CONSISTENCY
+            )
         c.load_collection(self.collection)  # collections come back released after a restart
 
+    def _check_schema(self, fields: list[dict[str, Any]]) -> None:
+        by_name = {f["name"]: f for f in fields}
+        missing = [n for n in SCHEMA_FIELDS if n not in by_name]
+        wrong = [n for n, t in SCHEMA_FIELDS.items() if n in by_name and by_name[n]["type"] != t]
+        if missing or wrong:
+            problem = f"lacks field(s) {missing}" if missing else f"has wrong types for {wrong}"
+            raise GalleryError(
+                f"collection {self.collection!r} {problem}: it was created by an older version "
+                "of this service. Enrol into a new collection (--collection NAME), or drop "
+                "this one (pymilvus: MilvusClient(uri).drop_collection(NAME)) and re-enrol"
+            )
+        have = int(by_name["embedding"].get("params", {}).get("dim", -1))
+        if have != self.dim:
+            raise GalleryError(
+                f"collection {self.collection!r} stores {have}-d embeddings but the encoder "
+                f"gives {self.dim}-d; use another collection or re-enrol the gallery"
+            )
+
+    def _vector(self, value: np.ndarray, what: str) -> list[float]:
+        # Lite stores NaN/Inf silently and returns NaN scores: check before every call.
+        vec = np.asarray(value, dtype=np.float32).reshape(-1)
+        if vec.shape != (self.dim,) or not np.all(np.isfinite(vec)):
+            raise GalleryError(f"{what} is not a finite {self.dim}-d vector")
+        if abs(float(np.linalg.norm(vec)) - 1.0) > NORM_TOLERANCE:
+            raise GalleryError(f"{what} is not L2-normalised (IP scores assume unit vectors)")
+        return vec.tolist()
+
     def upsert(self, records: Sequence[GalleryRecord]) -> None:
+        """Store rows (replacing rows with the same ids, cached VQA answers included)."""
         if not records:
             return
         rows = []
         for r in records:
-            vec = np.asarray(r.embedding, dtype=np.float32)
-            if vec.shape != (self.dim,) or not np.all(np.isfinite(vec)):
-                raise GalleryError(
-                    f"embedding of {r.image_id!r} is not a finite {self.dim}-d vector"
-                )
+            _quoted([r.image_id], IMAGE_ID, "image id")
+            _quoted([r.camera_id], CAMERA_ID, "camera id")
             rows.append(
                 {
                     "image_id": r.image_id,
@@ -106,23 +190,29 @@ class MilvusGallery:
                     "captured_at_ms": int(r.captured_at_ms),
                     "track_id": r.track_id,
                     "image_uri": r.image_uri,
-                    "embedding": vec.tolist(),
+                    "vqa": "",  # a new image: answers about the old one no longer hold
+                    "embedding": self._vector(r.embedding, f"embedding of {r.image_id!r}"),
                 }
             )
-        self._client.upsert(self.collection, rows)  # upsert, never insert: ids are idempotent
+        self._upsert_rows(rows)
+
+    def _upsert_rows(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            self._client.upsert(self.collection, rows)  # never insert: ids are idempotent
+        except MilvusException as exc:
+            raise GalleryError(f"upsert failed: {exc.code} {exc.message}") from None
 
     def search(self, vector: np.ndarray, top_k: int, where: GalleryFilter) -> list[GalleryHit]:
-        vec = np.asarray(vector, dtype=np.float32).reshape(-1)
-        if vec.shape != (self.dim,) or not np.all(np.isfinite(vec)):
-            raise GalleryError(f"query is not a finite {self.dim}-d vector")
+        vec = self._vector(vector, "query")
         ef = max(top_k, SEARCH_EF if where.empty else FILTERED_SEARCH_EF)
         result = self._client.search(
             self.collection,
-            data=[vec.tolist()],
+            data=[vec],
             limit=top_k,
             filter=filter_expression(where),
-            output_fields=OUTPUT_FIELDS,
-            search_params={"metric_type": "IP", "params": {"ef": ef}},
+            output_fields=META_FIELDS,  # never omit: Lite would return the vectors
+            search_params={"metric_type": METRIC, "params": {"ef": ef}},
+            consistency_level=self._consistency(),
         )
         hits = []
         for hit in result[0]:
@@ -139,24 +229,95 @@ class MilvusGallery:
             )
         return hits
 
-    def _ids_matching(self, expression: str) -> list[str]:
-        ids: list[str] = []
+    def _query(self, expression: str, fields: list[str]) -> list[dict[str, Any]]:
+        """Every row matching `expression`, page by page."""
+        rows: list[dict[str, Any]] = []
         while True:
             page = self._client.query(
                 self.collection,
                 filter=expression,
-                output_fields=["image_id"],
+                output_fields=fields,
                 limit=QUERY_PAGE,
-                offset=len(ids),
+                offset=len(rows),
+                consistency_level=self._consistency(),
             )
-            ids.extend(str(row["image_id"]) for row in page)
+            rows.extend(page)
             if len(page) < QUERY_PAGE:
-                return ids
+                return rows
+
+    def _rows(self, image_ids: Sequence[str], fields: list[str]) -> dict[str, dict[str, Any]]:
+        ids = list(dict.fromkeys(image_ids))
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), QUERY_PAGE):
+            chunk = ids[start : start + QUERY_PAGE]
+            for row in self._query(ids_expression(chunk), ["image_id", *fields]):
+                found[str(row["image_id"])] = row
+        return found
+
+    def fetch(self, image_ids: Sequence[str]) -> list[GalleryRecord]:
+        """Stored rows (metadata and embedding) for the ids that exist, in the given order."""
+        rows = self._rows(image_ids, [*META_FIELDS, "embedding"])
+        return [
+            GalleryRecord(
+                image_id=i,
+                camera_id=r["camera_id"],
+                captured_at_ms=int(r["captured_at_ms"]),
+                track_id=r["track_id"],
+                image_uri=r["image_uri"],
+                embedding=np.asarray(r["embedding"], dtype=np.float32),
+            )
+            for i in dict.fromkeys(image_ids)
+            if (r := rows.get(i)) is not None
+        ]
+
+    def get_vqa(self, image_ids: Sequence[str], model_key: str) -> dict[str, list[str]]:
+        """Cached VQA answers stored under exactly `model_key`, for the ids that have them."""
+        _check_model_key(model_key)
+        out: dict[str, list[str]] = {}
+        for image_id, row in self._rows(image_ids, ["vqa"]).items():
+            answers = _load_vqa(row["vqa"]).get(model_key)
+            if answers is not None:
+                out[image_id] = list(answers)
+        return out
+
+    def put_vqa(self, answers: Mapping[str, list[str]], model_key: str) -> None:
+        """Cache answers per image under `model_key`; other fields and models are kept.
+
+        Milvus updates whole rows, so each row is read and upserted complete. Ids that are
+        not (or no longer) in the gallery are skipped.
+        """
+        _check_model_key(model_key)
+        if not answers:
+            return
+        rows = self._rows(list(answers), ["vqa", *META_FIELDS, "embedding"])
+        updated = []
+        for image_id, row in rows.items():
+            cached = _load_vqa(row.pop("vqa"))
+            cached.pop(model_key, None)
+            cached[model_key] = [str(a) for a in answers[image_id]]  # newest last
+            text = json.dumps(cached, separators=(",", ":"))
+            while len(text) > VQA_MAX_CHARS and len(cached) > 1:
+                cached.pop(next(iter(cached)))  # drop the oldest model's answers first
+                text = json.dumps(cached, separators=(",", ":"))
+            if len(text) > VQA_MAX_CHARS:
+                raise GalleryError(
+                    f"VQA answers of {image_id!r} need {len(text)} characters; at most "
+                    f"{VQA_MAX_CHARS}"
+                )
+            row["vqa"] = text
+            row["embedding"] = [float(x) for x in row["embedding"]]
+            updated.append(row)
+        skipped = len(answers) - len(updated)
+        if skipped:
+            log.info("put_vqa: %d image(s) are not in the gallery; skipped", skipped)
+        self._upsert_rows(updated)
 
     def delete(self, image_ids: Sequence[str], where: GalleryFilter) -> int:
         """Delete the listed ids, or every row matching `where`; returns rows removed."""
+        if len(image_ids) > MAX_IDS_PER_DELETE:
+            raise ValueError(f"{len(image_ids)} image ids; at most {MAX_IDS_PER_DELETE}")
         if image_ids:
-            expression = f"image_id in {json.dumps(list(image_ids))}"
+            expression = ids_expression(image_ids)
             if not where.empty:
                 expression += " and " + filter_expression(where)
         elif not where.empty:
@@ -164,9 +325,11 @@ class MilvusGallery:
         else:
             raise ValueError("refusing to delete with neither ids nor a filter")
         # Count what exists first: Lite echoes the requested ids, whether or not they existed.
-        existing = self._ids_matching(expression)
+        self._strong_until = time.monotonic() + STRONG_AFTER_DELETE_S  # see earlier deletes
+        existing = [str(row["image_id"]) for row in self._query(expression, ["image_id"])]
         for start in range(0, len(existing), QUERY_PAGE):
             self._client.delete(self.collection, ids=existing[start : start + QUERY_PAGE])
+        self._strong_until = time.monotonic() + STRONG_AFTER_DELETE_S
         return len(existing)
 
     def unknown_cameras(self, camera_ids: Sequence[str]) -> list[str]:
@@ -174,17 +337,37 @@ class MilvusGallery:
         for camera in dict.fromkeys(camera_ids):
             rows = self._client.query(
                 self.collection,
-                filter=f"camera_id == {json.dumps(camera)}",
+                filter=f"camera_id == {_quoted([camera], CAMERA_ID, 'camera id')[1:-1]}",
                 output_fields=["image_id"],
                 limit=1,
+                consistency_level=self._consistency(),
             )
             if not rows:
                 unknown.append(camera)
         return unknown
 
     def count(self) -> int:
-        rows = self._client.query(self.collection, filter="", output_fields=["count(*)"])
+        # Not row_count: on a server it stays 0 until a flush. Strong: counts are rare.
+        rows = self._client.query(
+            self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"
+        )
         return int(rows[0]["count(*)"])
 
     def close(self) -> None:
         self._client.close()
+
+
+def _check_model_key(model_key: str) -> None:
+    if not model_key or len(model_key) > MAX_MODEL_KEY_CHARS:
+        raise ValueError(f"model_key must be 1 to {MAX_MODEL_KEY_CHARS} characters")
+
+
+def _load_vqa(text: str) -> dict[str, list[str]]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        log.warning("ignoring an unreadable cached VQA entry")
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PersonSearch"].full_name
 T = TypeVar("T")
+ENROLL_PIPELINE = 2  # Enroll batches in flight per stream
 
 
 @dataclass(frozen=True)
@@ -139,12 +141,44 @@ class PersonSearchService:
     async def Enroll(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EnrollResponse]:
-        async for request in requests:
-            await _reject_malformed(request, context)
-            yield await self._guard(context, self._enroll_batch(request, context))
+        # Up to ENROLL_PIPELINE batches in flight: decoding and encoding the next batch overlap
+        # the upsert of this one, while upserts and acknowledgements stay in stream order.
+        pending: deque[asyncio.Task[pb.EnrollResponse]] = deque()
+        previous: asyncio.Future[None] | None = None
+        try:
+            async for request in requests:
+                await _reject_malformed(request, context)
+                stored = asyncio.get_running_loop().create_future()
+                pending.append(
+                    asyncio.create_task(self._enroll_batch(request, context, previous, stored))
+                )
+                previous = stored
+                if len(pending) >= ENROLL_PIPELINE:
+                    yield await self._guard(context, pending.popleft())
+            while pending:
+                yield await self._guard(context, pending.popleft())
+        finally:
+            for task in pending:
+                task.cancel()
 
     async def _enroll_batch(
-        self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.EnrollRequest,
+        context: grpc.aio.ServicerContext,
+        previous: asyncio.Future[None] | None = None,
+        stored: asyncio.Future[None] | None = None,
+    ) -> pb.EnrollResponse:
+        try:
+            return await self._enroll_batch_in_order(request, context, previous)
+        finally:
+            if stored is not None and not stored.done():
+                stored.set_result(None)  # the next batch may upsert now
+
+    async def _enroll_batch_in_order(
+        self,
+        request: pb.EnrollRequest,
+        context: grpc.aio.ServicerContext,
+        previous: asyncio.Future[None] | None,
     ) -> pb.EnrollResponse:
         items = list(request.images)
         if len(items) > v.MAX_IMAGES_PER_BATCH:
@@ -173,6 +207,8 @@ class PersonSearchService:
                 )
                 for (i, _), emb in zip(accepted, embeddings, strict=True)
             ]
+            if previous is not None:
+                await previous  # a later batch never overwrites an earlier one's rows
             await self._in_gallery(self.gallery.upsert, records)
             for i, _ in accepted:  # acknowledged only after the upsert returned
                 results[i].status = pb.EnrollResult.ACCEPTED

@@ -99,3 +99,35 @@ def start_orchestrator(
                 running.stop()
                 raise RuntimeError(f"icl serve not healthy in time:\n{log.read_text()}")
             time.sleep(0.2)
+
+
+def unit_vectors(n: int, dim: int, seed: int = 0):
+    """Random L2-normalised float32 rows, like the served embeddings."""
+    import numpy as np
+
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def gallery_records(vectors, cameras: int = 10, start_ms: int = 1_767_600_000_000):
+    """GalleryRecords r00000.. spread round-robin over cam-00.., one second apart."""
+    from icl.ports import GalleryRecord
+
+    return [
+        GalleryRecord(
+            image_id=f"r{i:05d}",
+            camera_id=f"cam-{i % cameras:02d}",
+            captured_at_ms=start_ms + 1000 * i,
+            track_id=f"t{i // 3:05d}",
+            image_uri=f"s3://crops/r{i:05d}.jpg",
+            embedding=v,
+        )
+        for i, v in enumerate(vectors)
+    ]
+
+
+def start_milvus_server(data_dir: Path):
+    """A real Milvus 2.3 standalone (PyPI `milvus`) on loopback; the caller stops it."""
+    from icl.orchestrator.milvus_server import MilvusServer
+
+    return MilvusServer(data_dir).start()

@@ -1,0 +1,234 @@
+"""`icl enroll DIR|JSON`: bulk-load crops into a running PersonSearch service through Enroll.
+
+A directory: every JPEG/PNG/WebP/BMP file below it; the image id is its path relative to the
+directory (without suffix, '/' kept), the camera is --camera or the first folder name, the
+capture time is the file's modification time. A JSON file: a list of objects (or JSON Lines)
+with `image_id`, `camera_id`, `captured_at` (ISO-8601 or epoch milliseconds), `path`
+(relative to the JSON file) and optional `track_id` and `image_uri`.
+Enroll is idempotent by image id, so an interrupted load is finished by running it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+console = Console()
+err = Console(stderr=True)
+
+
+class EnrollInputError(ValueError):
+    """The DIR or JSON given to `icl enroll` cannot be read; the message says where."""
+
+
+@dataclass(frozen=True)
+class Item:
+    image_id: str
+    camera_id: str
+    captured_at_ms: int
+    path: Path
+    track_id: str = ""
+    image_uri: str = ""
+
+
+def _time_ms(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise EnrollInputError(f"{where}: captured_at must be ISO-8601 or epoch ms")
+    if isinstance(value, int | float):
+        return int(value)
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise EnrollInputError(
+            f"{where}: captured_at {str(value)[:40]!r} is not ISO-8601 or epoch milliseconds"
+        ) from None
+    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+def items_from_dir(root: Path, camera: str | None) -> list[Item]:
+    items = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        rel = path.relative_to(root)
+        cam = camera or (rel.parts[0] if len(rel.parts) > 1 else "")
+        if not cam:
+            raise EnrollInputError(
+                f"{path}: no camera; put crops in one folder per camera or pass --camera"
+            )
+        items.append(
+            Item(
+                image_id=rel.with_suffix("").as_posix(),
+                camera_id=cam,
+                captured_at_ms=int(path.stat().st_mtime * 1000),
+                path=path,
+                image_uri=path.resolve().as_uri(),
+            )
+        )
+    return items
+
+
+def items_from_json(manifest: Path) -> list[Item]:
+    text = manifest.read_text(encoding="utf-8")
+    try:
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise EnrollInputError(f"{manifest}: not JSON or JSON Lines ({exc})") from None
+    items = []
+    for n, row in enumerate(rows, 1):
+        where = f"{manifest} entry {n}"
+        if not isinstance(row, dict):
+            raise EnrollInputError(f"{where}: expected an object")
+        missing = [k for k in ("image_id", "camera_id", "captured_at", "path") if k not in row]
+        if missing:
+            raise EnrollInputError(f"{where}: missing {', '.join(missing)}")
+        path = manifest.parent / str(row["path"])
+        items.append(
+            Item(
+                image_id=str(row["image_id"]),
+                camera_id=str(row["camera_id"]),
+                captured_at_ms=_time_ms(row["captured_at"], where),
+                path=path,
+                track_id=str(row.get("track_id", "")),
+                image_uri=str(row.get("image_uri", "")),
+            )
+        )
+    return items
+
+
+def load_items(source: Path, camera: str | None = None) -> list[Item]:
+    if source.is_dir():
+        return items_from_dir(source, camera)
+    if source.is_file():
+        return items_from_json(source)
+    raise EnrollInputError(f"{source} is neither a directory nor a JSON file")
+
+
+@dataclass
+class Summary:
+    accepted: int = 0
+    rejected: int = 0
+    reasons: dict[str, str] | None = None
+
+
+def _gallery_images(items: list[Item], summary: Summary) -> Iterator[Any]:
+    from icl.orchestrator.client import timestamp
+    from icl.reid.v1 import person_search_pb2 as pb
+
+    for item in items:
+        try:
+            data = item.path.read_bytes()
+        except OSError as exc:
+            data = b""  # the service rejects it as empty; keep the item's place in the report
+            summary.reasons = summary.reasons or {}
+            summary.reasons[item.image_id] = f"cannot read {item.path}: {exc.strerror}"
+        yield pb.GalleryImage(
+            image_id=item.image_id,
+            camera_id=item.camera_id,
+            captured_at=timestamp(item.captured_at_ms),
+            track_id=item.track_id,
+            image_uri=item.image_uri,
+            image=data,
+        )
+
+
+async def enroll_items(
+    address: str, items: list[Item], batch_size: int, timeout_s: float | None, quiet: bool
+) -> Summary:
+    import grpc
+
+    from icl.orchestrator.client import channel_options, enroll
+    from icl.reid.v1 import person_search_pb2 as pb
+    from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
+
+    summary = Summary(reasons={})
+    progress = Progress(
+        TextColumn("enrolling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet,
+    )
+    with progress:
+        task = progress.add_task("enroll", total=len(items), rate="")
+        start = asyncio.get_running_loop().time()
+        async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+            stub = pb_grpc.PersonSearchStub(channel)
+            async for response in enroll(
+                stub, _gallery_images(items, summary), batch_size, timeout_s
+            ):
+                for r in response.results:
+                    if r.status == pb.EnrollResult.ACCEPTED:
+                        summary.accepted += 1
+                    else:
+                        summary.rejected += 1
+                        assert summary.reasons is not None
+                        summary.reasons.setdefault(r.image_id, r.reason)
+                done = summary.accepted + summary.rejected
+                elapsed = max(asyncio.get_running_loop().time() - start, 1e-9)
+                progress.update(task, completed=done, rate=f"{done / elapsed:.0f} img/s")
+    return summary
+
+
+def enroll_command(
+    source: Annotated[
+        Path, typer.Argument(help="A directory of crops, or a JSON / JSON Lines manifest.")
+    ],
+    address: Annotated[
+        str, typer.Option(envvar="ICL_ADDRESS", help="PersonSearch address.")
+    ] = DEFAULT_ADDRESS,
+    camera: Annotated[
+        str | None, typer.Option(help="Camera id for every crop of a directory.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=256, help="Crops per Enroll batch.")] = 64,
+    timeout: Annotated[
+        float | None, typer.Option(help="Deadline in seconds for the whole load.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Enrol crops into a running PersonSearch service (idempotent: re-run to resume)."""
+    import grpc
+
+    try:
+        items = load_items(source, camera)
+    except (EnrollInputError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    if not items:
+        raise _fail(f"{source} holds no crops ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    try:
+        summary = asyncio.run(enroll_items(address, items, batch_size, timeout, quiet))
+    except grpc.RpcError as exc:
+        raise _fail(
+            f"{exc.code().name}: {exc.details()} ({address}); what was acknowledged is stored: "
+            "run the same command again to finish"
+        ) from None
+    for image_id, reason in list((summary.reasons or {}).items())[:20]:
+        err.print(f"rejected {image_id}: {reason}", highlight=False, soft_wrap=True)
+    console.print(f"enrolled {summary.accepted}, rejected {summary.rejected} of {len(items)}")
+    if summary.rejected:
+        raise typer.Exit(1)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="enroll")(enroll_command)

@@ -1,0 +1,173 @@
+"""Launch a real Milvus 2.3 standalone server from the PyPI package `milvus`, on loopback.
+
+The package ships the standalone binary with embedded etcd and a config template. Its own
+launcher (`milvus-server`) leaves the component addresses empty, so components advertise the
+machine's network address, and it waits only 1 s before SIGKILL. This launcher renders the
+template with free ports, pins every component to 127.0.0.1, runs the binary in its own
+process group (SIGTERM, SIGKILL after a timeout) and polls /healthz. Tests and
+benchmarks/gallery.py use it; production runs Milvus 2.5+ from its compose file or Helm chart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from icl.orchestrator.tritonserver import _die_with_parent, free_port
+
+# Components that otherwise advertise (and some bind) the machine's first network address.
+_COMPONENTS = (
+    "rootCoord",
+    "proxy",
+    "queryCoord",
+    "queryNode",
+    "indexNode",
+    "dataCoord",
+    "dataNode",
+)
+
+
+class MilvusLaunchError(RuntimeError):
+    """The Milvus server did not become healthy; the message has the log's tail."""
+
+
+@dataclass
+class MilvusServer:
+    """A Milvus standalone process whose data lives under `data_dir`. Call stop() when done."""
+
+    data_dir: Path
+    port: int = 0
+    startup_timeout_s: float = 120.0
+    process: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "logs" / "milvus-stdout.log"
+
+    def start(self) -> MilvusServer:
+        try:
+            from milvus import MilvusServerConfig, _initialize_data_files
+        except ImportError as exc:
+            raise MilvusLaunchError(
+                "the Milvus server package is not installed: pip install milvus==2.3.5 "
+                "(in the dev extra)"
+            ) from exc
+        self.data_dir = self.data_dir.resolve()
+        self.port = self.port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+        config = MilvusServerConfig(data_dir=str(self.data_dir), proxy_port=self.port)
+        for key in list(config.configurable_items):
+            if key.endswith("_port") and key != "proxy_port":
+                config.update(**{key: free_port()})
+        for component in _COMPONENTS:
+            config.set(f"{component}.ip", "127.0.0.1")
+        # The default waits up to 30 min for in-flight work on SIGTERM; tests need seconds.
+        config.set("common.gracefulStopTimeout", 5)
+        # A restart waits for the previous run's etcd sessions to expire (default 30 s).
+        config.set("common.session.ttl", 10)
+        config.resolve()  # writes configs/milvus.yaml under data_dir
+        self._pin_embedded_etcd(int(config.get("etcd_port")))
+        _initialize_data_files(str(self.data_dir))  # unpacks the binary and its libraries
+        bin_dir = self.data_dir / "bin"
+        env = dict(os.environ)
+        env.update(
+            DEPLOY_MODE="STANDALONE",
+            METRICS_PORT=str(self.metrics_port),
+            MILVUS_RUN_DIR=str(self.data_dir / "run"),
+            LD_LIBRARY_PATH=os.pathsep.join(
+                p for p in (str(bin_dir), env.get("LD_LIBRARY_PATH")) if p
+            ),
+        )
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(bin_dir / "milvus"), "run", "standalone"],
+                cwd=self.data_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _pin_embedded_etcd(self, client_port: int) -> None:
+        """Embedded etcd otherwise listens on the fixed 2379/2380: two servers would clash."""
+        peer = f"http://127.0.0.1:{free_port()}"
+        client = f"http://127.0.0.1:{client_port}"
+        etcd = self.data_dir / "configs" / "etcd.yaml"
+        etcd.write_text(
+            f"name: icl\nlisten-client-urls: {client}\nadvertise-client-urls: {client}\n"
+            f"listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\n"
+            f"initial-cluster: icl={peer}\n"
+        )
+        milvus_yaml = self.data_dir / "configs" / "milvus.yaml"
+        text = milvus_yaml.read_text()
+        head = "\netcd:\n"
+        assert head in text, "unexpected milvus.yaml template"
+        milvus_yaml.write_text(text.replace(head, f"{head}  config:\n    path: {etcd}\n", 1))
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = f"http://127.0.0.1:{self.metrics_port}/healthz"
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise MilvusLaunchError(
+                    f"milvus exited with code {self.process.returncode}: {self.log_tail()}"
+                )
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(url, timeout=1) as response,
+            ):
+                if b"OK" in response.read():
+                    return
+            time.sleep(0.2)
+        raise MilvusLaunchError(
+            f"milvus not healthy after {self.startup_timeout_s:.0f}s: {self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-lines:]) + f" (full log: {self.log_path})"
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # flushes and closes etcd cleanly
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> MilvusServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,264 @@
+"""The Milvus gallery adapter against both real backends: Milvus Lite and a Milvus server.
+
+The server is the `milvus` 2.3.5 package's standalone binary, started on loopback by the
+module fixture; every test gets its own collection (server) or data dir (Lite).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymilvus import DataType, MilvusClient
+
+from icl.orchestrator.gallery import GalleryError, MilvusGallery, filter_expression
+from icl.orchestrator.milvus_server import MilvusServer
+from icl.ports import GalleryFilter, GalleryRecord
+from tests.helpers import gallery_records, start_milvus_server, unit_vectors
+
+DIM = 32
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
+    server = start_milvus_server(tmp_path_factory.mktemp("milvus-server"))
+    yield server
+    server.stop()
+
+
+class Backend:
+    def __init__(self, kind: str, tmp: Path, server: MilvusServer | None) -> None:
+        self.kind, self.tmp, self.server = kind, tmp, server
+        self.collection = f"g{next(_names)}"
+
+    @property
+    def uri(self) -> str:
+        return self.server.uri if self.server else str(self.tmp / "gallery.db")
+
+    def open(self, dim: int = DIM) -> MilvusGallery:
+        return MilvusGallery(self.uri, dim, self.collection)
+
+
+@pytest.fixture(params=["lite", "server"])
+def backend(request, tmp_path) -> Backend:
+    server = request.getfixturevalue("milvus_server") if request.param == "server" else None
+    return Backend(request.param, tmp_path, server)
+
+
+@pytest.fixture
+def gallery(backend: Backend) -> Iterator[MilvusGallery]:
+    g = backend.open()
+    yield g
+    g.close()
+
+
+def _exact(vectors: np.ndarray, query: np.ndarray, k: int, keep=None) -> list[int]:
+    scores = vectors @ query
+    if keep is not None:
+        scores = np.where(keep, scores, -np.inf)
+    order = np.argsort(-scores)[:k]
+    return [int(i) for i in order if np.isfinite(scores[i])]
+
+
+def test_upsert_search_fetch(gallery):
+    vectors = unit_vectors(300, DIM, seed=1)
+    records = gallery_records(vectors)
+    gallery.upsert(records)
+    assert gallery.count() == 300
+    hits = gallery.search(vectors[7], 5, GalleryFilter())
+    assert [h.image_id for h in hits] == [f"r{i:05d}" for i in _exact(vectors, vectors[7], 5)]
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+    first = hits[0]
+    assert (first.camera_id, first.captured_at_ms, first.track_id, first.image_uri) == (
+        "cam-07",
+        records[7].captured_at_ms,
+        "t00002",
+        "s3://crops/r00007.jpg",
+    )
+    fetched = gallery.fetch(["r00009", "missing", "r00003"])
+    assert [r.image_id for r in fetched] == ["r00009", "r00003"]
+    np.testing.assert_allclose(fetched[0].embedding, vectors[9], atol=1e-6)
+    assert fetched[1].camera_id == "cam-03"
+
+
+def test_upsert_is_idempotent_and_replaces(gallery):
+    vectors = unit_vectors(50, DIM, seed=2)
+    records = gallery_records(vectors)
+    gallery.upsert(records)
+    gallery.upsert(records[:20])  # an interrupted run sent again
+    moved = GalleryRecord(**{**records[0].__dict__, "camera_id": "cam-99"})
+    gallery.upsert([moved])
+    assert gallery.count() == 50
+    assert gallery.fetch(["r00000"])[0].camera_id == "cam-99"
+    old = gallery.search(vectors[0], 50, GalleryFilter(camera_ids=("cam-00",)))
+    assert "r00000" not in {h.image_id for h in old}
+    hits = gallery.search(vectors[0], 50, GalleryFilter())
+    assert len({h.image_id for h in hits}) == len(hits) == 50
+
+
+def test_filters_match_exact_selection(gallery):
+    vectors = unit_vectors(400, DIM, seed=3)
+    records = gallery_records(vectors, cameras=8)
+    gallery.upsert(records)
+    cams = np.array([r.camera_id for r in records])
+    times = np.array([r.captured_at_ms for r in records])
+    t0 = records[100].captured_at_ms
+    cases = [
+        (GalleryFilter(camera_ids=("cam-03",)), cams == "cam-03"),
+        (GalleryFilter(camera_ids=("cam-01", "cam-05")), np.isin(cams, ["cam-01", "cam-05"])),
+        (GalleryFilter(start_ms=t0, end_ms=t0 + 49_000), (times >= t0) & (times <= t0 + 49_000)),
+        (GalleryFilter(("cam-02",), start_ms=t0), (cams == "cam-02") & (times >= t0)),
+    ]
+    for where, keep in cases:
+        hits = gallery.search(vectors[0], 400, where)
+        assert {h.image_id for h in hits} == {
+            r.image_id for r, k in zip(records, keep, strict=True) if k
+        }
+        top = gallery.search(vectors[11], 10, where)
+        assert [h.image_id for h in top] == [
+            f"r{i:05d}" for i in _exact(vectors, vectors[11], 10, keep)
+        ]
+
+
+HOSTILE = [
+    'cam-01" or camera_id != "',
+    "cam-01' or 1==1 or '",
+    "x\\",
+    'x\\" or 1==1 or \\"',
+    "cam-01] or [1",
+    "cam-01 or 1==1",
+    "",
+    "ü" * 70,
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_values_cannot_change_a_filter(gallery, value):
+    gallery.upsert(gallery_records(unit_vectors(20, DIM, seed=4)))
+    with pytest.raises(ValueError, match="must match"):
+        filter_expression(GalleryFilter(camera_ids=("cam-01", value)))
+    with pytest.raises(ValueError):
+        gallery.search(unit_vectors(1, DIM)[0], 5, GalleryFilter(camera_ids=(value,)))
+    with pytest.raises(ValueError):
+        gallery.delete([value], GalleryFilter())
+    assert gallery.count() == 20
+    # The quoting alone (the second line of defence) keeps the value one string literal
+    # (Milvus expressions know no \u escapes, hence ensure_ascii=False here).
+    literal = json.dumps([value], ensure_ascii=False)
+    assert gallery._query(f"camera_id in {literal}", ["image_id"]) == []
+
+
+def test_long_lists(gallery):
+    gallery.upsert(gallery_records(unit_vectors(30, DIM, seed=5)))
+    cams = tuple(f"cam-{i:02d}" for i in range(256))
+    assert len(gallery.search(unit_vectors(1, DIM)[0], 30, GalleryFilter(cams))) == 30
+    with pytest.raises(ValueError, match="at most 256"):
+        filter_expression(GalleryFilter((*cams, "cam-x")))
+    ids = [f"r{i:05d}" for i in range(10_000)]
+    assert gallery.delete(ids, GalleryFilter(camera_ids=("cam-01",))) == 3
+    with pytest.raises(ValueError, match="at most 10000"):
+        gallery.delete([*ids, "r99999"], GalleryFilter())
+
+
+def test_delete_by_ids_camera_and_time(gallery):
+    records = gallery_records(unit_vectors(100, DIM, seed=6))
+    gallery.upsert(records)
+    assert gallery.delete(["r00001", "r00002", "nope"], GalleryFilter()) == 2
+    assert gallery.delete(["r00001"], GalleryFilter()) == 0
+    assert gallery.delete([], GalleryFilter(camera_ids=("cam-05",))) == 10
+    t = records[90].captured_at_ms
+    assert gallery.delete([], GalleryFilter(start_ms=t)) == 9  # r00095 went with cam-05
+    assert gallery.count() == 100 - 2 - 10 - 9
+    assert gallery.unknown_cameras(["cam-05", "cam-06"]) == ["cam-05"]
+    with pytest.raises(ValueError):
+        gallery.delete([], GalleryFilter())
+
+
+def test_vqa_cache(gallery):
+    vectors = unit_vectors(10, DIM, seed=7)
+    gallery.upsert(gallery_records(vectors))
+    before = gallery.search(vectors[2], 10, GalleryFilter())
+    answers = {"r00002": ["red", "yes", "long"], "r00003": ["blue"], "gone": ["x"]}
+    gallery.put_vqa(answers, "qwen2-vl-2b@1")
+    gallery.put_vqa({"r00002": ["other"]}, "mllm-b@2")
+    assert gallery.get_vqa(["r00002", "r00003", "r00004"], "qwen2-vl-2b@1") == {
+        "r00002": ["red", "yes", "long"],
+        "r00003": ["blue"],
+    }
+    assert gallery.get_vqa(["r00002", "r00003"], "mllm-b@2") == {"r00002": ["other"]}
+    assert gallery.get_vqa(["r00002"], "qwen2-vl-2b") == {}
+    assert gallery.count() == 10
+    # Every other field of the row is intact: same ranking, scores, metadata, vectors.
+    assert gallery.search(vectors[2], 10, GalleryFilter()) == before
+    np.testing.assert_allclose(gallery.fetch(["r00002"])[0].embedding, vectors[2], atol=1e-6)
+    # Re-enrolling an image drops answers about the old one.
+    gallery.upsert(gallery_records(vectors)[2:3])
+    assert gallery.get_vqa(["r00002"], "mllm-b@2") == {}
+
+
+def test_bad_vectors_are_refused(gallery):
+    good = unit_vectors(1, DIM)[0]
+    for bad in (np.full(DIM, np.nan), good[:-1], good * 3):
+        with pytest.raises(GalleryError):
+            gallery.upsert(gallery_records([bad]))
+        with pytest.raises(GalleryError):
+            gallery.search(bad, 5, GalleryFilter())
+    assert gallery.count() == 0
+
+
+def test_old_or_mismatched_collections_are_refused(backend):
+    client = MilvusClient(uri=backend.uri)
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("image_id", DataType.VARCHAR, is_primary=True, max_length=128)
+    schema.add_field("camera_id", DataType.VARCHAR, max_length=64)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=DIM)
+    index = client.prepare_index_params()
+    index.add_index("embedding", index_type="FLAT", metric_type="IP")
+    client.create_collection(backend.collection, schema=schema, index_params=index)
+    client.close()
+    with pytest.raises(GalleryError, match=r"older version.*new collection.*drop"):
+        backend.open()
+    backend.collection += "b"
+    backend.open().close()
+    with pytest.raises(GalleryError, match="stores 32-d embeddings"):
+        backend.open(dim=64)
+
+
+def test_recall_at_10_against_exact(gallery):
+    vectors = unit_vectors(3000, DIM, seed=8)
+    records = gallery_records(vectors, cameras=10)
+    for start in range(0, 3000, 1000):
+        gallery.upsert(records[start : start + 1000])
+    queries = unit_vectors(30, DIM, seed=9)
+    cams = np.array([r.camera_id for r in records])
+    for where, keep in [(GalleryFilter(), None), (GalleryFilter(("cam-04",)), cams == "cam-04")]:
+        recall = []
+        for q in queries:
+            want = {f"r{i:05d}" for i in _exact(vectors, q, 10, keep)}
+            got = {h.image_id for h in gallery.search(q, 10, where)}
+            recall.append(len(want & got) / 10)
+        assert np.mean(recall) >= 0.95, (where, np.mean(recall))
+
+
+def test_restart_keeps_rows(backend, tmp_path):
+    vectors = unit_vectors(200, DIM, seed=10)
+    g = backend.open()
+    g.upsert(gallery_records(vectors))
+    g.put_vqa({"r00001": ["a"]}, "m@1")
+    before = g.search(vectors[5], 20, GalleryFilter(camera_ids=("cam-05", "cam-06")))
+    g.close()
+    if backend.server is not None:
+        backend.server.stop()
+        backend.server.start()
+    g = backend.open()
+    try:
+        assert g.count() == 200
+        assert g.search(vectors[5], 20, GalleryFilter(camera_ids=("cam-05", "cam-06"))) == before
+        assert g.get_vqa(["r00001"], "m@1") == {"r00001": ["a"]}
+    finally:
+        g.close()
