@@ -1,8 +1,18 @@
-"""Write a Triton model repository (CPU flavour) for a dual encoder.
+"""Write a Triton model repository for a dual encoder, CPU or GPU flavour.
 
-Layout written under `out/`:
-    text_encoder/config.pbtxt, text_encoder/1/{model.py, model.onnx}
+Both flavours serve the same contract (docs/export.md): `text_encoder` TEXT BYTES [1] ->
+EMBEDDING FP32 [D] and `image_encoder` PIXELS UINT8 [H, W, 3] -> EMBEDDING FP32 [D].
+
+CPU flavour (served here by the bundled tritonserver, python backend only):
+    text_encoder/config.pbtxt, text_encoder/1/{model.py, model.onnx}   tokeniser + onnxruntime
     image_encoder/config.pbtxt, image_encoder/1/{model.py, model.onnx}
+GPU flavour (NGC Triton image with the TensorRT backend):
+    tokenizer/         python, KIND_CPU: TEXT -> INPUT_IDS
+    text_encoder_trt/  tensorrt_plan, KIND_GPU: input_ids -> embedding (1/model.plan)
+    image_encoder_trt/ tensorrt_plan, KIND_GPU: pixels -> embedding (1/model.plan)
+    text_encoder/      ensemble: tokenizer -> text_encoder_trt, renamed to the contract
+    image_encoder/     ensemble: image_encoder_trt, renamed to the contract
+    build_plans.sh     trtexec commands turning each `*_trt/1/model.onnx` into `model.plan`
 The python-backend `model.py` files come from the project's `model_repository/` folder; the
 configs are rendered here so that shapes always match the exported graphs.
 """
@@ -10,17 +20,36 @@ configs are rendered here so that shapes always match the exported graphs.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
-from icl.export.onnx_export import ParityReport, export_dual_encoder
+from icl.export.onnx_export import ParityReport, export_dual_encoder, export_fp16_variants
+from icl.export.tensorrt import BUILD_SCRIPT, PlanBuild, render_build_script
+from icl.models.config import ModelConfig
 from icl.models.dual_encoder import DualEncoder
 from icl.models.pretrained import tokenizer_files
 from icl.text.hf_tokenizer import TOKENIZER_FILE
 
 TEXT_ENCODER = "text_encoder"
 IMAGE_ENCODER = "image_encoder"
+TOKENIZER = "tokenizer"
+TEXT_ENCODER_TRT = "text_encoder_trt"
+IMAGE_ENCODER_TRT = "image_encoder_trt"
+ALL_MODELS = (TEXT_ENCODER, IMAGE_ENCODER, TOKENIZER, TEXT_ENCODER_TRT, IMAGE_ENCODER_TRT)
+DEFAULT_SERVING_IMAGE = "nvcr.io/nvidia/tritonserver:<YY.MM>-py3"
+Flavour = Literal["cpu", "gpu"]
+
+
+def _check_batching(max_batch: int, delay_us: int, preferred: tuple[int, ...]) -> None:
+    if max_batch < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch}")
+    if delay_us < 0:
+        raise ValueError("max_queue_delay_us must be >= 0")
+    if any(not 1 <= p <= max_batch for p in preferred):
+        raise ValueError(f"preferred batch sizes {preferred} must lie in 1..{max_batch}")
 
 
 @dataclass(frozen=True)
@@ -31,63 +60,277 @@ class CpuServingSettings:
     max_queue_delay_us: int = 2000
     instances: int = 1
     intra_op_threads: int = 1
+    preferred_batch_sizes: tuple[int, ...] = ()
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.instances < 1 or self.intra_op_threads < 1:
             raise ValueError(f"serving settings must be positive: {self}")
-        if self.max_queue_delay_us < 0:
-            raise ValueError("max_queue_delay_us must be >= 0")
+        _check_batching(self.max_batch_size, self.max_queue_delay_us, self.preferred_batch_sizes)
 
 
-def _render(name: str, inputs: str, embed_dim: int, s: CpuServingSettings) -> str:
-    return f"""name: "{name}"
-backend: "python"
-max_batch_size: {s.max_batch_size}
-{inputs}
-output [
-  {{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ {embed_dim} ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: {s.max_queue_delay_us} }}
-instance_group [ {{ kind: KIND_CPU, count: {s.instances} }} ]
-parameters {{ key: "onnx_file", value: {{ string_value: "model.onnx" }} }}
-parameters {{ key: "intra_op_threads", value: {{ string_value: "{s.intra_op_threads}" }} }}
-"""
+@dataclass(frozen=True)
+class GpuServingSettings:
+    """Triton scheduling and TensorRT build knobs for the GPU flavour."""
+
+    max_batch_size: int = 64  # also the TensorRT profile's max batch
+    opt_batch_size: int = 16  # the profile's opt batch: what the dynamic batcher mostly forms
+    max_queue_delay_us: int = 500
+    instances: int = 1  # TensorRT instances per GPU
+    tokenizer_instances: int = 2  # python stubs (CPU) in front of the text plan
+    preferred_batch_sizes: tuple[int, ...] = ()
+    precision: Literal["fp16", "fp32"] = "fp16"
+    serving_image: str = DEFAULT_SERVING_IMAGE
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.instances < 1 or self.tokenizer_instances < 1:
+            raise ValueError(f"instance counts must be positive: {self}")
+        if not 1 <= self.opt_batch_size <= self.max_batch_size:
+            raise ValueError("opt_batch_size must lie in 1..max_batch_size")
+        if self.precision not in ("fp16", "fp32"):
+            raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
+        _check_batching(self.max_batch_size, self.max_queue_delay_us, self.preferred_batch_sizes)
+
+
+Tensor = tuple[str, str, tuple[int, ...]]  # (name, Triton data type, dims without batch)
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return ", ".join(str(d) for d in dims)
+
+
+def _tensors(kind: str, tensors: list[Tensor]) -> str:
+    rows = ",\n".join(
+        f'  {{ name: "{n}", data_type: {t}, dims: [ {_dims(d)} ] }}' for n, t, d in tensors
+    )
+    return f"{kind} [\n{rows}\n]"
+
+
+def _dynamic_batching(delay_us: int, preferred: tuple[int, ...]) -> str:
+    pref = f"preferred_batch_size: [ {_dims(preferred)} ] " if preferred else ""
+    return f"dynamic_batching {{ {pref}max_queue_delay_microseconds: {delay_us} }}"
+
+
+def _warmup(inputs: list[Tensor], batch_sizes: tuple[int, ...]) -> str:
+    """Zero-filled warm-up requests (BYTES zeros are empty strings), one per batch size.
+
+    So the first real request does not pay for onnxruntime's or TensorRT's lazy set-up.
+    """
+    items = []
+    for b in dict.fromkeys(batch_sizes):
+        feeds = " ".join(
+            f'inputs {{ key: "{n}" value: {{ data_type: {t} dims: [ {_dims(d)} ] '
+            "zero_data: true } }"
+            for n, t, d in inputs
+        )
+        items.append(f'  {{ name: "zeros_batch_{b}" batch_size: {b} {feeds} }}')
+    return "model_warmup [\n" + ",\n".join(items) + "\n]"
+
+
+def _text_input(name: str = "TEXT") -> Tensor:
+    return (name, "TYPE_STRING", (1,))
+
+
+def _pixels_input(name: str, image_size: tuple[int, int]) -> Tensor:
+    return (name, "TYPE_UINT8", (*image_size, 3))
+
+
+def _embedding(name: str, dim: int) -> Tensor:
+    return (name, "TYPE_FP32", (dim,))
+
+
+def _render(name: str, inp: Tensor, embed_dim: int, s: CpuServingSettings) -> str:
+    parts = [
+        f'name: "{name}"',
+        'backend: "python"',
+        f"max_batch_size: {s.max_batch_size}",
+        _tensors("input", [inp]),
+        _tensors("output", [_embedding("EMBEDDING", embed_dim)]),
+        _dynamic_batching(s.max_queue_delay_us, s.preferred_batch_sizes),
+        f"instance_group [ {{ kind: KIND_CPU, count: {s.instances} }} ]",
+        'parameters { key: "onnx_file", value: { string_value: "model.onnx" } }',
+        f'parameters {{ key: "intra_op_threads", value: {{ string_value: '
+        f'"{s.intra_op_threads}" }} }}',
+    ]
+    if s.warmup:
+        parts.append(_warmup([inp], (1,)))
+    return "\n".join(parts) + "\n"
 
 
 def render_text_encoder_config(embed_dim: int, s: CpuServingSettings) -> str:
-    inputs = 'input [\n  { name: "TEXT", data_type: TYPE_STRING, dims: [ 1 ] }\n]'
-    return _render(TEXT_ENCODER, inputs, embed_dim, s)
+    return _render(TEXT_ENCODER, _text_input(), embed_dim, s)
 
 
 def render_image_encoder_config(
     image_size: tuple[int, int], embed_dim: int, s: CpuServingSettings
 ) -> str:
-    h, w = image_size
-    inputs = f'input [\n  {{ name: "PIXELS", data_type: TYPE_UINT8, dims: [ {h}, {w}, 3 ] }}\n]'
-    return _render(IMAGE_ENCODER, inputs, embed_dim, s)
+    return _render(IMAGE_ENCODER, _pixels_input("PIXELS", image_size), embed_dim, s)
+
+
+def render_tokenizer_config(context_length: int, s: GpuServingSettings) -> str:
+    inp = _text_input()
+    parts = [
+        f'name: "{TOKENIZER}"',
+        'backend: "python"',
+        f"max_batch_size: {s.max_batch_size}",
+        _tensors("input", [inp]),
+        _tensors("output", [("INPUT_IDS", "TYPE_INT64", (context_length,))]),
+        _dynamic_batching(s.max_queue_delay_us, ()),
+        f"instance_group [ {{ kind: KIND_CPU, count: {s.tokenizer_instances} }} ]",
+    ]
+    if s.warmup:
+        parts.append(_warmup([inp], (1,)))
+    return "\n".join(parts) + "\n"
+
+
+def render_plan_config(name: str, inp: Tensor, embed_dim: int, s: GpuServingSettings) -> str:
+    """A TensorRT plan model; its tensors keep the ONNX names (input_ids/pixels, embedding)."""
+    parts = [
+        f'name: "{name}"',
+        'platform: "tensorrt_plan"',
+        f"max_batch_size: {s.max_batch_size}",
+        _tensors("input", [inp]),
+        _tensors("output", [_embedding("embedding", embed_dim)]),
+        _dynamic_batching(s.max_queue_delay_us, s.preferred_batch_sizes),
+        f"instance_group [ {{ kind: KIND_GPU, count: {s.instances} }} ]",
+    ]
+    if s.warmup:
+        parts.append(_warmup([inp], (1, s.opt_batch_size)))
+    return "\n".join(parts) + "\n"
+
+
+def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    ins = " ".join(f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
+    outs = " ".join(f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
+    return f'    {{ model_name: "{model}" model_version: -1 {ins} {outs} }}'
+
+
+def render_ensemble_config(
+    name: str, inp: Tensor, embed_dim: int, steps: list[str], s: GpuServingSettings
+) -> str:
+    return (
+        "\n".join(
+            [
+                f'name: "{name}"',
+                'platform: "ensemble"',
+                f"max_batch_size: {s.max_batch_size}",
+                _tensors("input", [inp]),
+                _tensors("output", [_embedding("EMBEDDING", embed_dim)]),
+                "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}",
+            ]
+        )
+        + "\n"
+    )
+
+
+def render_gpu_configs(cfg: ModelConfig, s: GpuServingSettings) -> dict[str, str]:
+    """config.pbtxt text per model name, for the GPU flavour."""
+    d, length = cfg.output_dim, cfg.context_length
+    ids: Tensor = ("input_ids", "TYPE_INT64", (length,))
+    pixels = _pixels_input("pixels", cfg.image_size)
+    text_steps = [
+        _step(TOKENIZER, {"TEXT": "TEXT"}, {"INPUT_IDS": "token_ids"}),
+        _step(TEXT_ENCODER_TRT, {"input_ids": "token_ids"}, {"embedding": "EMBEDDING"}),
+    ]
+    image_steps = [_step(IMAGE_ENCODER_TRT, {"pixels": "PIXELS"}, {"embedding": "EMBEDDING"})]
+    return {
+        TOKENIZER: render_tokenizer_config(length, s),
+        TEXT_ENCODER_TRT: render_plan_config(TEXT_ENCODER_TRT, ids, d, s),
+        IMAGE_ENCODER_TRT: render_plan_config(IMAGE_ENCODER_TRT, pixels, d, s),
+        TEXT_ENCODER: render_ensemble_config(TEXT_ENCODER, _text_input(), d, text_steps, s),
+        IMAGE_ENCODER: render_ensemble_config(
+            IMAGE_ENCODER, _pixels_input("PIXELS", cfg.image_size), d, image_steps, s
+        ),
+    }
+
+
+def gpu_plan_builds(cfg: ModelConfig, s: GpuServingSettings) -> list[PlanBuild]:
+    """The two engines of the GPU flavour, paths relative to the repository root."""
+    h, w = cfg.image_size
+    return [
+        PlanBuild(
+            f"{name}/1/model.onnx",
+            f"{name}/1/model.plan",
+            tensor,
+            shape,
+            1,
+            s.opt_batch_size,
+            s.max_batch_size,
+        )
+        for name, tensor, shape in (
+            (TEXT_ENCODER_TRT, "input_ids", (cfg.context_length,)),
+            (IMAGE_ENCODER_TRT, "pixels", (h, w, 3)),
+        )
+    ]
 
 
 def _model_py(name: str) -> bytes:
     return resources.files("icl.model_repository").joinpath(name, "1", "model.py").read_bytes()
 
 
+def _fresh(out: Path, names: tuple[str, ...]) -> None:
+    """Remove every model either flavour writes (a stale one would fail the server's load)."""
+    for name in ALL_MODELS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    for stale in (BUILD_SCRIPT,):
+        (out / stale).unlink(missing_ok=True)
+    for name in names:
+        (out / name / "1").mkdir(parents=True)
+
+
+def _copy_tokenizer_file(cfg: ModelConfig, folder: Path) -> None:
+    if cfg.text_tower.kind == "hf_encoder":
+        # The served tokeniser reads the file shipped next to it; none means CLIP BPE.
+        shutil.copyfile(tokenizer_files(cfg)[0], folder / TOKENIZER_FILE)
+
+
 def write_repository(
     model: DualEncoder, out: Path, settings: CpuServingSettings | None = None
 ) -> list[ParityReport]:
-    """Export `model` into a fresh CPU-flavour repository at `out` (replaced if present)."""
+    """Export `model` into a fresh CPU-flavour repository at `out` (its models replaced)."""
     s = settings or CpuServingSettings()
     cfg = model.config
+    _fresh(out, (TEXT_ENCODER, IMAGE_ENCODER))
     for name in (TEXT_ENCODER, IMAGE_ENCODER):
-        shutil.rmtree(out / name, ignore_errors=True)
-        (out / name / "1").mkdir(parents=True)
         (out / name / "1" / "model.py").write_bytes(_model_py(name))
     (out / TEXT_ENCODER / "config.pbtxt").write_text(render_text_encoder_config(cfg.output_dim, s))
     (out / IMAGE_ENCODER / "config.pbtxt").write_text(
         render_image_encoder_config(cfg.image_size, cfg.output_dim, s)
     )
-    if cfg.text_tower.kind == "hf_encoder":
-        # The served text model tokenises with the file shipped next to its graph.
-        shutil.copyfile(tokenizer_files(cfg)[0], out / TEXT_ENCODER / "1" / TOKENIZER_FILE)
+    _copy_tokenizer_file(cfg, out / TEXT_ENCODER / "1")
     return export_dual_encoder(
         model, out / TEXT_ENCODER / "1" / "model.onnx", out / IMAGE_ENCODER / "1" / "model.onnx"
     )
+
+
+def write_gpu_repository(
+    model: DualEncoder, out: Path, settings: GpuServingSettings | None = None
+) -> list[ParityReport]:
+    """Export `model` into a fresh GPU-flavour repository at `out`, plans not yet built.
+
+    Writes the ONNX graphs the plans are built from (fp16 by default, checked against torch
+    fp32 at cosine >= 0.999 after the fp32 graphs passed >= 0.9999), every config.pbtxt and
+    `build_plans.sh`; `icl.export.tensorrt.run_build_script` (or the script itself, where
+    trtexec exists) turns the graphs into plans.
+    """
+    s = settings or GpuServingSettings()
+    cfg = model.config
+    _fresh(out, ALL_MODELS)
+    for name, text in render_gpu_configs(cfg, s).items():
+        (out / name / "config.pbtxt").write_text(text)
+    (out / TOKENIZER / "1" / "model.py").write_bytes(_model_py(TOKENIZER))
+    _copy_tokenizer_file(cfg, out / TOKENIZER / "1")
+    text_onnx = out / TEXT_ENCODER_TRT / "1" / "model.onnx"
+    image_onnx = out / IMAGE_ENCODER_TRT / "1" / "model.onnx"
+    if s.precision == "fp32":
+        reports = export_dual_encoder(model, text_onnx, image_onnx)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = (Path(tmp) / "text.onnx", Path(tmp) / "image.onnx")
+            reports = export_dual_encoder(model, *fp32)
+            reports += export_fp16_variants(model, fp32, (text_onnx, image_onnx))
+    script = out / BUILD_SCRIPT
+    script.write_text(render_build_script(gpu_plan_builds(cfg, s), s.serving_image))
+    script.chmod(0o755)
+    return reports

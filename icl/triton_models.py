@@ -2,7 +2,7 @@
 
 Loads the ONNX graph named in config.pbtxt and refuses to start when the shapes in the config
 disagree with the graph, so a wrong config fails at load time with the model's name, not at
-the first request.
+the first request. Also the text decoding both text-facing models share.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from icl.onnx_encoders import onnx_session
@@ -59,3 +60,20 @@ def load_onnx_session(args: dict[str, str], tensor_map: dict[str, str]) -> ort.I
                 f"has {graph_name} dims {have}"
             )
     return session
+
+
+def output_dims(args: dict[str, str], name: str) -> list[int]:
+    """The dims (without the batch axis) that config.pbtxt gives output `name`."""
+    config = json.loads(args["model_config"])
+    for tensor in config.get("output", []):
+        if tensor["name"] == name:
+            return [int(d) for d in tensor["dims"]]
+    raise ModelConfigError(f"model {config['name']}: config.pbtxt has no output {name}")
+
+
+def decode_texts(raw: np.ndarray) -> tuple[list[str], str | None]:
+    """A BYTES tensor's items as str; (texts, None) or ([], a message for the client)."""
+    try:
+        return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in raw], None
+    except UnicodeDecodeError as exc:
+        return [], f"TEXT is not valid UTF-8: {exc}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +27,7 @@ def test_export_matches_torch(demo_model, tmp_path):
 
 def test_parity_failure_is_reported(demo_model, tmp_path):
     export_dual_encoder(demo_model, tmp_path / "t.onnx", tmp_path / "i.onnx")
-    other = torch.nn.Sequential(demo_model.text, torch.nn.Identity())
+    other = copy.deepcopy(demo_model.text)  # demo_model is shared by the session
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.5)
@@ -49,3 +51,41 @@ def test_serving_settings_are_validated():
     with pytest.raises(ValueError):
         CpuServingSettings(instances=0)
     assert 'name: "image_encoder"' in render_image_encoder_config((8, 4), 16, CpuServingSettings())
+
+
+def test_cpu_configs_parse_as_triton_model_configs(demo_model):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from icl.export.repository import render_text_encoder_config
+
+    s = CpuServingSettings(instances=2, intra_op_threads=1, preferred_batch_sizes=(8, 32))
+    h, w = demo_model.config.image_size
+    for text in (
+        render_text_encoder_config(demo_model.config.output_dim, s),
+        render_image_encoder_config((h, w), demo_model.config.output_dim, s),
+    ):
+        config = text_format.Parse(text, mc.ModelConfig())
+        assert config.backend == "python" and config.max_batch_size == 64
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        assert config.instance_group[0].count == 2
+        assert list(config.dynamic_batching.preferred_batch_size) == [8, 32]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+        assert config.parameters["intra_op_threads"].string_value == "1"
+        assert [wu.batch_size for wu in config.model_warmup] == [1]
+    with pytest.raises(ValueError, match="preferred"):
+        CpuServingSettings(max_batch_size=16, preferred_batch_sizes=(32,))
+
+
+def test_fp16_parity_failure_names_the_precision(demo_model, tmp_path):
+    from icl.export.onnx_export import MIN_COSINE_FP16, convert_to_fp16
+
+    export_dual_encoder(demo_model, tmp_path / "t.onnx", tmp_path / "i.onnx")
+    convert_to_fp16(tmp_path / "t.onnx", tmp_path / "t16.onnx")
+    other = copy.deepcopy(demo_model.text)  # demo_model is shared by the session
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5)
+    ids = ClipTokenizer()(["a woman"])
+    with pytest.raises(ParityError, match="text fp16 ONNX export"):
+        _parity("text", other, tmp_path / "t16.onnx", ids, "input_ids", MIN_COSINE_FP16, "fp16")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from icl.export.repository import write_gpu_repository
 from icl.orchestrator.tritonserver import TritonLaunchError
 from tests.helpers import start_triton
 
@@ -52,6 +53,21 @@ def test_shape_in_config_does_not_match_graph(model_repository, tmp_path):
 def test_missing_config(model_repository, tmp_path):
     repo = _copy(model_repository, tmp_path / "repo")
     (repo / "text_encoder/config.pbtxt").unlink()
+    message = _launch_fails(repo, tmp_path / "log")
+    assert "text_encoder" in message
+
+
+def test_gpu_repository_on_a_cpu_server(demo_model, tmp_path):
+    """No TensorRT backend and no GPU here: the launcher names the plan models, fast."""
+    repo = tmp_path / "repo"
+    write_gpu_repository(demo_model, repo)
+    message = _launch_fails(repo, tmp_path / "log")
+    assert "_encoder_trt" in message and "tensorrt" in message
+
+
+def test_corrupt_tokenizer_file_next_to_the_graph(model_repository, tmp_path):
+    repo = _copy(model_repository, tmp_path / "repo")
+    (repo / "text_encoder/1/tokenizer.json").write_text("{not json")
     message = _launch_fails(repo, tmp_path / "log")
     assert "text_encoder" in message
 

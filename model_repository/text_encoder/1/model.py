@@ -1,8 +1,9 @@
 """Triton python-backend model `text_encoder` (CPU flavour): raw text -> embedding.
 
 Tokenisation happens here, so clients send plain UTF-8 text (TEXT, BYTES [1]) and never need
-the tokenizer. The ONNX graph next to this file runs on onnxruntime. Requests gathered by
-Triton's dynamic batcher are run as one onnxruntime batch.
+the tokenizer (one stub hop per batch; the GPU flavour needs a separate `tokenizer` model in
+an ensemble because TensorRT cannot tokenise). The ONNX graph next to this file runs on
+onnxruntime. Requests gathered by Triton's dynamic batcher are run as one onnxruntime batch.
 """
 
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from icl.text.hf_tokenizer import serving_tokenizer
-from icl.triton_models import load_onnx_session
+from icl.triton_models import decode_texts, load_onnx_session
 
 
 class TritonPythonModel:
@@ -26,12 +27,9 @@ class TritonPythonModel:
         texts, owners, responses = [], [], [None] * len(requests)
         for i, request in enumerate(requests):
             raw = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
-            try:
-                decoded = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in raw]
-            except UnicodeDecodeError as exc:
-                responses[i] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"TEXT is not valid UTF-8: {exc}")
-                )
+            decoded, error = decode_texts(raw)
+            if error:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
                 continue
             texts.extend(decoded)
             owners.append((i, len(decoded)))
