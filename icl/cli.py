@@ -59,29 +59,91 @@ def export(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Dual-encoder checkpoint (default: the demo model).")
     ] = None,
+    flavour: Annotated[
+        str,
+        typer.Option(help="cpu: python backend + onnxruntime; gpu: TensorRT plans + ensembles."),
+    ] = "cpu",
     instances: Annotated[int, typer.Option(min=1, help="Triton instances per model.")] = 1,
     threads: Annotated[
-        int, typer.Option(min=1, help="onnxruntime intra-op threads per instance.")
+        int, typer.Option(min=1, help="onnxruntime intra-op threads per instance (cpu).")
     ] = 1,
     max_batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    max_queue_delay_us: Annotated[
+        int | None, typer.Option(min=0, help="Dynamic batcher delay (default 2000 cpu, 500 gpu).")
+    ] = None,
+    precision: Annotated[str, typer.Option(help="gpu: fp16 or fp32 graph for TensorRT.")] = "fp16",
+    plans: Annotated[
+        str,
+        typer.Option(
+            help="gpu: auto (build when trtexec exists), require (fail without it), skip."
+        ),
+    ] = "auto",
 ) -> None:
-    """Export a dual encoder to ONNX and write a CPU-flavour Triton model repository."""
-    from icl.export.onnx_export import ParityError
-    from icl.export.repository import CpuServingSettings, write_repository
-
-    settings = CpuServingSettings(
-        max_batch_size=max_batch_size, instances=instances, intra_op_threads=threads
+    """Export a dual encoder to ONNX (parity-checked) and write a Triton model repository."""
+    from icl.export.onnx_export import GraphContractError, ParityError
+    from icl.export.repository import (
+        CpuServingSettings,
+        GpuServingSettings,
+        write_gpu_repository,
+        write_repository,
     )
+    from icl.export.tensorrt import (
+        BUILD_SCRIPT,
+        PlanBuildError,
+        TensorRTUnavailable,
+        find_trtexec,
+        require_trtexec,
+        run_build_script,
+    )
+
+    if flavour not in ("cpu", "gpu"):
+        raise _fail(f"--flavour must be cpu or gpu, got {flavour!r}")
+    if plans not in ("auto", "require", "skip"):
+        raise _fail(f"--plans must be auto, require or skip, got {plans!r}")
     try:
-        reports = write_repository(_load_model(checkpoint), out, settings)
-    except ParityError as exc:
+        if flavour == "gpu" and plans == "require":
+            require_trtexec()  # before minutes of export, not after
+        delay = {} if max_queue_delay_us is None else {"max_queue_delay_us": max_queue_delay_us}
+        if flavour == "cpu":
+            settings: Any = CpuServingSettings(
+                max_batch_size=max_batch_size,
+                instances=instances,
+                intra_op_threads=threads,
+                **delay,
+            )
+            reports = write_repository(_load_model(checkpoint), out, settings)
+        else:
+            settings = GpuServingSettings(
+                max_batch_size=max_batch_size,
+                opt_batch_size=min(16, max_batch_size),
+                instances=instances,
+                precision=precision,  # validated by GpuServingSettings
+                **delay,
+            )
+            reports = write_gpu_repository(_load_model(checkpoint), out, settings)
+    except (ParityError, GraphContractError, TensorRTUnavailable, ValueError) as exc:
         raise _fail(str(exc)) from None
     for r in reports:
         console.print(
-            f"{r.tower} encoder: min cosine vs torch {r.min_cosine:.7f}, "
+            f"{r.tower} encoder ({r.precision}): min cosine vs torch fp32 {r.min_cosine:.7f}, "
             f"max |diff| {r.max_abs_diff:.1e}"
         )
     console.print(f"model repository written to {out}")
+    if flavour == "gpu" and plans != "skip":
+        if find_trtexec() is None:
+            console.print(
+                f"[yellow]TensorRT plans not built:[/] trtexec is not installed here. On the "
+                f"serving GPU, inside the TensorRT image matching the Triton image, run "
+                f"`sh {out / BUILD_SCRIPT}`; the repository is servable once each *_trt/1/ "
+                "holds model.plan (docs/export.md)."
+            )
+            return
+        try:
+            with console.status("building TensorRT plans"):
+                run_build_script(out)
+        except PlanBuildError as exc:
+            raise _fail(str(exc)) from None
+        console.print("TensorRT plans built")
 
 
 def _install_stop_signals(stop: asyncio.Event) -> None:
@@ -148,12 +210,37 @@ def serve(
     triton_wait: Annotated[
         float, typer.Option(help="Seconds to wait for Triton's models at start.")
     ] = 60.0,
+    mllm_model: Annotated[
+        str,
+        typer.Option(envvar="ICL_MLLM_MODEL", help="Triton model for THI ('' = THI off)."),
+    ] = "",
+    crop_dir: Annotated[
+        str,
+        typer.Option(
+            envvar="ICL_CROP_DIR",
+            help="Where enrolled crops are kept for THI (default: beside the Lite data dir).",
+        ),
+    ] = "",
+    mllm_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="ICL_MLLM_TIMEOUT", help="Seconds a search waits for the MLLM before degrading."
+        ),
+    ] = 20.0,
+    thi_schedule: Annotated[
+        str, typer.Option(envvar="ICL_THI_SCHEDULE", help="lean | reference (the paper's).")
+    ] = "lean",
+    thi_walk: Annotated[
+        str, typer.Option(envvar="ICL_THI_WALK", help="lazy (fewest calls) | batched.")
+    ] = "lazy",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus."""
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
 
     _setup_logging(verbose)
+    if thi_schedule not in ("lean", "reference") or thi_walk not in ("lazy", "batched"):
+        raise _fail("--thi-schedule is lean|reference and --thi-walk is lazy|batched")
     config = OrchestratorConfig(
         triton_url,
         milvus_uri,
@@ -162,6 +249,11 @@ def serve(
         host,
         port,
         triton_ready_timeout_s=triton_wait,
+        mllm_model=mllm_model,
+        crop_dir=crop_dir,
+        mllm_timeout_s=mllm_timeout,
+        thi_schedule=thi_schedule,
+        thi_walk=thi_walk,
     )
 
     async def run() -> None:
@@ -179,12 +271,13 @@ def serve(
 
 
 async def _start_or_fail(orchestrator: Any) -> None:
+    from icl.mllm.triton_client import MllmError
     from icl.orchestrator.encoders import EncoderUnavailable
     from icl.orchestrator.gallery import GalleryError
 
     try:
         await orchestrator.start()
-    except (EncoderUnavailable, GalleryError, OSError) as exc:
+    except (EncoderUnavailable, GalleryError, MllmError, OSError) as exc:
         await orchestrator.stop()
         raise _fail(str(exc)) from None
 
@@ -204,6 +297,7 @@ def demo(
     ] = False,
 ) -> None:
     """Export the demo encoders, start Triton and the orchestrator, enrol a demo gallery, serve."""
+    from icl.export.mllm_repository import write_mllm_model
     from icl.export.repository import write_repository
     from icl.orchestrator.server import OrchestratorConfig
     from icl.orchestrator.tritonserver import TritonLaunchError, TritonServer
@@ -211,6 +305,7 @@ def demo(
     repo = workdir / "model_repository"
     with console.status("exporting the demo encoders to ONNX"):
         write_repository(_load_model(checkpoint), repo)
+        write_mllm_model(repo, "demo", None)  # THI's MLLM: the demo image-question model
     triton_server = TritonServer(repo, workdir / "tritonserver.log")
     try:
         with console.status("starting tritonserver"):
@@ -223,6 +318,7 @@ def demo(
             milvus_uri=str(workdir / "gallery.db"),
             collection=f"demo_{images}",
             port=port,
+            mllm_model="mllm",
         )
         ok = asyncio.run(_demo(config, images, check))
     finally:
@@ -262,8 +358,11 @@ async def _demo(config: Any, n_images: int, check: bool) -> bool:
             if check:
                 found = True
                 for person, text in enumerate(queries):
-                    response = await stub.Search(search_request(text, top_k=5), timeout=30)
+                    request = search_request(text, top_k=5)
+                    request.thi.enabled = True
+                    response = await stub.Search(request, timeout=60)
                     print_hits(text, response)
+                    print_trace(response.thi_trace)
                     # Demo image ids start with the identity they show (p00000-0, ...).
                     ranks = [
                         rank
@@ -303,6 +402,20 @@ def print_hits(text: str, response: Any) -> None:
     console.print(table)
 
 
+def print_trace(trace: Any) -> None:
+    """One line per THI step: which candidates were asked, the anchor, the refined query."""
+    asked = ", ".join(
+        f"#{c.base_rank} {c.image_id} P(Yes)={c.p_yes:.2f}" for c in trace.candidates if c.asked
+    )
+    console.print(f"THI asked: {asked or 'nobody'} ({trace.mllm_calls} MLLM calls)")
+    if trace.fallback_reason:
+        console.print(f"THI fell back to the base ranking: {trace.fallback_reason}")
+    elif trace.anchor_image_id:
+        console.print(f"THI anchor: {trace.anchor_image_id}; refined query: {trace.refined_query}")
+    else:
+        console.print("THI kept the base ranking (no anchor)")
+
+
 def _parse_time(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
@@ -328,6 +441,10 @@ def search(
         str, typer.Option(envvar="ICL_ADDRESS", help="PersonSearch address.")
     ] = DEFAULT_ADDRESS,
     timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 30.0,
+    thi: Annotated[bool, typer.Option("--thi", help="Re-rank with THI (needs an mllm).")] = False,
+    xi: Annotated[float | None, typer.Option(help="THI's xi (default 0.5).")] = None,
+    lam: Annotated[float | None, typer.Option("--lambda", help="THI's lambda (0.8).")] = None,
+    candidates: Annotated[int | None, typer.Option(help="THI's K (default 5).")] = None,
 ) -> None:
     """Search the gallery of a running PersonSearch service and print the ranked hits."""
     import grpc
@@ -338,17 +455,29 @@ def search(
     request = search_request(
         text, top_k, camera or (), _parse_time(since, "since"), _parse_time(until, "until")
     )
+    if thi:
+        request.thi.enabled = True
+        if xi is not None:
+            request.thi.xi = xi
+        if lam is not None:
+            setattr(request.thi, "lambda", lam)
+        if candidates is not None:
+            request.thi.candidates = candidates
     try:
         response = call(address, request, timeout)
     except grpc.RpcError as exc:
         raise _fail(f"{exc.code().name}: {exc.details()} ({address})") from None
     print_hits(text, response)
+    if thi:
+        print_trace(response.thi_trace)
 
 
 def _register_ml_commands() -> None:
     from icl.ml_cli import register
+    from icl.orchestrator.enroll_cli import register as register_enroll
 
     register(app)
+    register_enroll(app)
 
 
 _register_ml_commands()

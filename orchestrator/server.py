@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -22,12 +23,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from icl.images import ImageRejected, decode_crop
+from icl.mllm.contract import Mllm
 from icl.orchestrator import validation as v
 from icl.orchestrator.client import MAX_MESSAGE_BYTES, timestamp
+from icl.orchestrator.crops import CropStore
 from icl.orchestrator.encoders import EncoderUnavailable, TritonEncoders
-from icl.orchestrator.gallery import GalleryError, MilvusGallery
+from icl.orchestrator.gallery import GalleryError, MilvusGallery, is_local_uri
+from icl.orchestrator.thi_search import ThiSearchResult, thi_search
 from icl.ports import GalleryHit, GalleryRecord
 from icl.reid.v1 import person_search_pb2 as pb
+from icl.thi.engine import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_XI, ThiParams
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +51,22 @@ class OrchestratorConfig:
     port: int = 0  # 0: any free port
     triton_timeout_s: float = 30.0
     triton_ready_timeout_s: float = 60.0
+    # THI: the Triton model serving the MLLM contract ("" = no THI in this deployment),
+    # where enrolled crops are kept for it ("" = `crops/` next to a Lite data dir, else
+    # `.icl/crops`), and how long one search may wait for the MLLM before it degrades.
+    mllm_model: str = ""
+    crop_dir: str = ""
+    mllm_timeout_s: float = 20.0
+    # How THI asks the MLLM (icl.thi.engine): the lean lazy walk by default; "reference"
+    # reproduces the paper's schedule (for comparison), "batched" trades calls for round trips.
+    thi_schedule: str = "lean"
+    thi_walk: str = "lazy"
 
     def __repr__(self) -> str:  # keep the token out of every log line and traceback
         return (
             f"OrchestratorConfig(triton_url={self.triton_url!r}, milvus_uri={self.milvus_uri!r}, "
-            f"collection={self.collection!r}, host={self.host!r}, port={self.port})"
+            f"collection={self.collection!r}, host={self.host!r}, port={self.port}, "
+            f"mllm_model={self.mllm_model!r})"
         )
 
 
@@ -91,10 +107,46 @@ def _hit(h: GalleryHit) -> pb.Hit:
     )
 
 
+def _trace(result: ThiSearchResult) -> pb.ThiTrace:
+    out = result.outcome
+    anchor = result.candidates[out.anchor].image_id if out.anchor is not None else ""
+    return pb.ThiTrace(
+        candidates=[
+            pb.ThiCandidate(
+                image_id=h.image_id,
+                base_rank=rank,
+                base_score=h.score,
+                p_yes=out.p_yes.get(rank - 1, 0.0),
+                asked=(rank - 1) in out.p_yes,
+            )
+            for rank, h in enumerate(result.candidates, 1)
+        ],
+        anchor_image_id=anchor,
+        vqa_answers=out.answers,
+        refined_query=out.refined_query,
+        fallback_reason=out.fallback_reason,
+        mllm_calls=out.evaluations,
+    )
+
+
 class PersonSearchService:
-    def __init__(self, encoders: TritonEncoders, gallery: MilvusGallery) -> None:
+    def __init__(
+        self,
+        encoders: TritonEncoders,
+        gallery: MilvusGallery,
+        crops: CropStore | None = None,
+        mllm: Mllm | None = None,
+        mllm_timeout_s: float = 20.0,
+        thi_schedule: str = "lean",
+        thi_walk: str = "lazy",
+    ) -> None:
+        self.thi_schedule = thi_schedule
+        self.thi_walk = thi_walk
         self.encoders = encoders
         self.gallery = gallery
+        self.crops = crops
+        self.mllm = mllm
+        self.mllm_timeout_s = mllm_timeout_s
         # One thread owns the Milvus client: Milvus Lite is single-writer, and the event
         # loop never blocks on it.
         self._gallery_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gallery")
@@ -122,7 +174,10 @@ class PersonSearchService:
         self, request: pb.SearchRequest, context: grpc.aio.ServicerContext
     ) -> pb.SearchResponse:
         query = v.check_search(request)
-        if request.thi.enabled:
+        thi = (
+            _thi_params(request, self.thi_schedule, self.thi_walk) if request.thi.enabled else None
+        )
+        if thi is not None and (self.mllm is None or self.crops is None):
             raise v.InvalidRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "THI re-ranking needs an `mllm` model, and this deployment serves none; "
@@ -135,8 +190,26 @@ class PersonSearchService:
                     grpc.StatusCode.NOT_FOUND, f"no gallery image comes from camera(s) {unknown}"
                 )
         vectors = await self.encoders.encode_texts([query.text], context.time_remaining())
-        hits = await self._in_gallery(self.gallery.search, vectors[0], query.top_k, query.where)
-        return pb.SearchResponse(hits=[_hit(h) for h in hits])
+        if thi is None:
+            hits = await self._in_gallery(self.gallery.search, vectors[0], query.top_k, query.where)
+            return pb.SearchResponse(hits=[_hit(h) for h in hits])
+        assert self.mllm is not None and self.crops is not None
+        remaining = context.time_remaining()
+        budget = self.mllm_timeout_s if remaining is None else min(self.mllm_timeout_s, remaining)
+        result = await thi_search(
+            query.text,
+            vectors[0],
+            query.top_k,
+            query.where,
+            thi,
+            gallery=self.gallery,
+            in_gallery=self._in_gallery,
+            encode_texts=lambda texts: self.encoders.encode_texts(texts, context.time_remaining()),
+            mllm=self.mllm,
+            crops=self.crops,
+            mllm_timeout_s=max(0.1, budget * 0.8),  # leave time to fuse and answer
+        )
+        return pb.SearchResponse(hits=[_hit(h) for h in result.hits], thi_trace=_trace(result))
 
     async def Enroll(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -195,7 +268,18 @@ class PersonSearchService:
         ]
         if accepted:
             pixels = np.stack([px for _, px in accepted])
-            embeddings = await self.encoders.encode_images(pixels, context.time_remaining())
+            crops = [(items[i].image_id, items[i].image) for i, _ in accepted]
+
+            async def store_crops() -> None:
+                if previous is not None:
+                    await previous  # the same id in two batches ends with the later crop
+                if self.crops is not None:  # THI shows these crops to the MLLM later
+                    await asyncio.to_thread(self.crops.put_many, crops)
+
+            # The crop write waits on the disk, not the CPU: overlap it with the encoder.
+            embeddings, _ = await asyncio.gather(
+                self.encoders.encode_images(pixels, context.time_remaining()), store_crops()
+            )
             records = [
                 GalleryRecord(
                     image_id=items[i].image_id,
@@ -207,8 +291,7 @@ class PersonSearchService:
                 )
                 for (i, _), emb in zip(accepted, embeddings, strict=True)
             ]
-            if previous is not None:
-                await previous  # a later batch never overwrites an earlier one's rows
+            # store_crops awaited `previous`: a later batch never overwrites an earlier one's rows
             await self._in_gallery(self.gallery.upsert, records)
             for i, _ in accepted:  # acknowledged only after the upsert returned
                 results[i].status = pb.EnrollResult.ACCEPTED
@@ -228,6 +311,21 @@ class PersonSearchService:
 
     def close(self) -> None:
         self._gallery_thread.shutdown(wait=True)
+
+
+def _thi_params(request: pb.SearchRequest, schedule: str, walk: str) -> ThiParams:
+    """The request's THI parameters, the paper's defaults where unset."""
+    opts = request.thi
+    try:
+        return ThiParams(
+            candidates=opts.candidates if opts.HasField("candidates") else DEFAULT_CANDIDATES,
+            xi=opts.xi if opts.HasField("xi") else DEFAULT_XI,
+            lam=getattr(opts, "lambda") if opts.HasField("lambda") else DEFAULT_LAMBDA,
+            schedule=schedule,  # type: ignore[arg-type]
+            walk=walk,  # type: ignore[arg-type]
+        )
+    except ValueError as exc:
+        raise v.InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
 
 def _decode_batch(
@@ -280,6 +378,7 @@ class Orchestrator:
         self._server: grpc.aio.Server | None = None
         self._service: PersonSearchService | None = None
         self._encoders: TritonEncoders | None = None
+        self._mllm: Any = None
 
     @property
     def address(self) -> str:
@@ -292,7 +391,24 @@ class Orchestrator:
         gallery = await asyncio.to_thread(
             MilvusGallery, cfg.milvus_uri, self._encoders.dim, cfg.collection, cfg.milvus_token
         )
-        self._service = PersonSearchService(self._encoders, gallery)
+        crop_dir = cfg.crop_dir or (
+            str(Path(cfg.milvus_uri).parent / "crops")
+            if is_local_uri(cfg.milvus_uri)
+            else ".icl/crops"
+        )
+        crops = await asyncio.to_thread(CropStore, Path(crop_dir))
+        mllm = None
+        if cfg.mllm_model:
+            from icl.mllm.triton_client import TritonMllm
+
+            # Each search bounds its own wait (mllm_timeout_s); the client's timeout only
+            # catches a wedged connection.
+            mllm = TritonMllm(cfg.triton_url, cfg.mllm_model, timeout_s=cfg.triton_timeout_s)
+            await mllm.start(cfg.triton_ready_timeout_s)
+            self._mllm = mllm
+        self._service = PersonSearchService(
+            self._encoders, gallery, crops, mllm, cfg.mllm_timeout_s, cfg.thi_schedule, cfg.thi_walk
+        )
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -326,3 +442,5 @@ class Orchestrator:
             self._service.gallery.close()
         if self._encoders is not None:
             await self._encoders.close()
+        if self._mllm is not None:
+            await self._mllm.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from icl.demo import DEMO_WEIGHTS, demo_path
+from icl.export.mllm_repository import write_mllm_model
 from icl.export.repository import write_repository
 from icl.models.dual_encoder import load_checkpoint
 from icl.orchestrator.tritonserver import TritonServer
@@ -27,6 +28,7 @@ def demo_model():
 def model_repository(tmp_path_factory: pytest.TempPathFactory, demo_model) -> Path:
     out = tmp_path_factory.mktemp("model_repository")
     write_repository(demo_model, out)
+    write_mllm_model(out, "demo", None)  # THI's MLLM; only orchestrators told to use it do
     return out
 
 

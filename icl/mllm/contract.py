@@ -108,7 +108,8 @@ class Mllm(Protocol):
 
     @property
     def can_generate(self) -> bool:
-        """False for scoring-only backends: aggregation then uses `merge_answers`."""
+        """False for backends without free-text generation: THI then aggregates with
+        `merge_answers`; they still answer `VQA_PROMPT` through `generate`."""
         ...
 
     async def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:

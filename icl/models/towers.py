@@ -51,11 +51,12 @@ class _AttentionPool(nn.Module):
         super().__init__()
         self.query = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.key = nn.Linear(width, width, bias=False)
+        self.scale = 1.0 / math.sqrt(width)  # a constant, so export traces no shape arithmetic
 
     def forward(
         self, tokens: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.key(tokens) @ self.query / math.sqrt(tokens.shape[-1])
+        logits = self.key(tokens) @ self.query * self.scale
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         weights = logits.softmax(dim=-1)

@@ -148,8 +148,8 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse(output_tensors=[out]), flags=FINAL)
 
     def _generate(self, request, raw_images, prompts, sender):
-        if not self.backend.can_generate:
-            raise BadRequest(f"backend {self.model_key} cannot generate text")
+        # `can_generate` False means no free text (THI then merges answers itself); such a
+        # backend may still answer the VQA prompt, and refuses other prompts with ValueError.
         if len(prompts) != 1:
             raise BadRequest(f"generate needs exactly one prompt in PROMPTS, got {len(prompts)}")
         max_tokens = self.max_tokens_limit
@@ -166,7 +166,10 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(output_tensors=[out])
 
         if not self.streams:
-            text = self.backend.generate(images, prompts[0], max_tokens)
+            try:
+                text = self.backend.generate(images, prompts[0], max_tokens)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
             sender.send(text_response(text), flags=FINAL)
             return
         # Hold one piece back so the last piece can carry the final flag (clients cannot ask

@@ -1,0 +1,113 @@
+"""Search with THI online: the engine of icl.thi over Milvus, the crop store and Triton.
+
+Fusion needs every image's base and refined score. Online the gallery is only reachable by
+nearest-neighbour search, so the pool is the union of the base query's and the refined
+query's top-N (same filters), re-scored exactly from the stored embeddings. An image in
+neither list scores below lambda * (N-th base score) + (1 - lambda) * (N-th refined score);
+when the k-th fused score is at least that bound the returned top-k is exactly the
+full-gallery fusion (the trace says whether it was).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from icl.mllm.contract import Mllm
+from icl.orchestrator.crops import CropStore
+from icl.orchestrator.gallery import MilvusGallery
+from icl.ports import GalleryFilter, GalleryHit
+from icl.thi.engine import ThiOutcome, ThiParams, fuse, run_thi
+
+POOL = 100  # top-N of each list that THI re-scores
+
+
+class GalleryVqaCache:
+    """The engine's VQA cache over the gallery's cached-answers field (per image, per model).
+
+    The engine is synchronous about the cache; answers are fetched for the candidates before
+    it runs and written back after, so Milvus is called at most twice per search."""
+
+    def __init__(self, known: dict[str, list[str]]) -> None:
+        self.known = known
+        self.new: dict[str, list[str]] = {}
+
+    def get(self, image_id: str, model_key: str) -> list[str] | None:
+        return self.known.get(image_id)
+
+    def put(self, image_id: str, model_key: str, answers: list[str]) -> None:
+        self.new[image_id] = list(answers)
+
+
+@dataclass
+class ThiSearchResult:
+    hits: list[GalleryHit]
+    outcome: ThiOutcome
+    candidates: list[GalleryHit]
+    exact: bool
+
+
+InGallery = Callable[..., Awaitable]
+
+
+async def thi_search(
+    text: str,
+    query_vector: np.ndarray,
+    top_k: int,
+    where: GalleryFilter,
+    params: ThiParams,
+    *,
+    gallery: MilvusGallery,
+    in_gallery: InGallery,
+    encode_texts: Callable[[Sequence[str]], Awaitable[np.ndarray]],
+    mllm: Mllm,
+    crops: CropStore,
+    mllm_timeout_s: float,
+) -> ThiSearchResult:
+    pool_n = max(POOL, top_k, params.candidates)
+    base_hits: list[GalleryHit] = await in_gallery(gallery.search, query_vector, pool_n, where)
+    candidates = base_hits[: params.candidates]
+    if not candidates:
+        return ThiSearchResult([], ThiOutcome(fallback_reason="no gallery image matches"), [], True)
+    ids = [h.image_id for h in candidates]
+    cached = await in_gallery(gallery.get_vqa, ids, mllm.model_key)
+    cache = GalleryVqaCache(cached)
+
+    async def load(image_ids: Sequence[str]) -> list[np.ndarray]:
+        return await asyncio.to_thread(crops.load, image_ids)
+
+    try:
+        outcome = await asyncio.wait_for(
+            run_thi(text, ids, [h.score for h in candidates], load, mllm, params, cache),
+            mllm_timeout_s,
+        )
+    except TimeoutError:
+        outcome = ThiOutcome(fallback_reason=f"MLLM did not answer within {mllm_timeout_s:g} s")
+    if cache.new:
+        await in_gallery(gallery.put_vqa, cache.new, mllm.model_key)
+    if outcome.anchor is None:
+        return ThiSearchResult(base_hits[:top_k], outcome, candidates, True)
+
+    refined_vector = (await encode_texts([outcome.refined_query]))[0]
+    refined_hits: list[GalleryHit] = await in_gallery(gallery.search, refined_vector, pool_n, where)
+    by_id = {h.image_id: h for h in [*refined_hits, *base_hits]}
+    pool = list(by_id)
+    records = await in_gallery(gallery.fetch, pool)
+    emb = np.stack([r.embedding for r in records])
+    pool = [r.image_id for r in records]
+    anchor_id = ids[outcome.anchor]
+    fused = fuse(emb @ query_vector, emb @ refined_vector, pool.index(anchor_id), params.lam)
+    order = np.argsort(-fused, kind="stable")[:top_k]
+    hits = [replace(by_id[pool[i]], score=float(fused[i])) for i in order]
+    # Exact when nothing outside both lists could outscore the k-th hit.
+    bound = -np.inf
+    if len(base_hits) == pool_n and len(refined_hits) == pool_n:
+        bound = params.lam * base_hits[-1].score + (1 - params.lam) * refined_hits[-1].score
+    exact = len(hits) == 0 or hits[-1].score >= bound
+    return ThiSearchResult(hits, outcome, candidates, bool(exact))
+
+
+__all__ = ["POOL", "GalleryVqaCache", "ThiSearchResult", "thi_search"]
