@@ -264,11 +264,15 @@ def _thi(
         rounds.add_row(row["name"], *(f"{m['map']:.2f} / {m['r1']:.2f}" for m in row["rounds"]))
     console.print(rounds)
     costs = Table(title="MLLM cost per query", title_justify="left")
-    for column in ("schedule", "evaluations", "round trips"):
+    for column in ("schedule", "evaluations", "vs reference", "round trips"):
         costs.add_column(column, justify="left" if column == "schedule" else "right")
+    reference = result["costs"]["reference (paper's schedule)"]["evaluations_per_query"]
     for name, cost in result["costs"].items():
         costs.add_row(
-            name, f"{cost['evaluations_per_query']:.2f}", f"{cost['round_trips_per_query']:.2f}"
+            name,
+            f"{cost['evaluations_per_query']:.2f}",
+            f"{cost['evaluations_per_query'] / reference:.2f}x",
+            f"{cost['round_trips_per_query']:.2f}",
         )
     console.print(costs)
     share = result["fits_caption_other_identity_share"]
