@@ -160,22 +160,64 @@ class ThiReplay:
         return float(((self.p_yes[:, :k] > threshold) == same).mean())
 
 
+@dataclass(frozen=True)
+class TuningLimits:
+    """What a setting must keep on the tuning split to be eligible (the product's targets)."""
+
+    max_r5_drop: float = 0.5  # R5 points below the base ranking
+    max_cost_ratio: float = 0.35  # lean lazy-walk evaluations / the paper's schedule's
+
+
+def lazy_cost_ratio(replay: ThiReplay, params: ThiParams) -> float:
+    """Evaluations of the lean lazy walk (VQA on demand, cached per image) over the paper's
+    schedule's, computed from the replay exactly as the engine would count them."""
+    k = min(params.candidates, replay.k)
+    walk = 0
+    for i in range(len(replay.order)):
+        if replay.top[i, 0] > params.xi:
+            walk += 1
+            continue
+        yes = replay.p_yes[i, :k] > params.yes_threshold
+        walk += next((j + 1 for j in range(k) if yes[j]), k)
+    anchors = replay.anchors(params)
+    anchored = anchors >= 0
+    vqa = len(set(anchors[anchored].tolist()))
+    extra = 1 + int(replay.backend.can_generate)  # VQA (+ aggregation) per refined query
+    lean = walk + vqa + int(replay.backend.can_generate) * int(anchored.sum())
+    reference = k * len(anchors) + extra * int(anchored.sum())
+    return lean / max(1, reference)
+
+
 def tune(
-    replay: ThiReplay, base: ThiParams, xis: Sequence[float], thresholds: Sequence[float]
-) -> ThiParams:
-    """The (xi, threshold) with the best R1 + mAP (ties: fewer anchors)."""
-    best, best_key = base, -math.inf
+    replay: ThiReplay,
+    base: ThiParams,
+    xis: Sequence[float],
+    thresholds: Sequence[float],
+    limits: TuningLimits | None = None,
+) -> tuple[ThiParams, bool]:
+    """The (xi, threshold) with the best R1 + mAP among the settings within `limits`
+    (ties: fewer anchors); if none is within them, the best overall and False."""
+    limits = limits or TuningLimits()
+    data = replay.data
+    r5_base = retrieval_metrics(data.sims, data.query_ids, data.gallery_ids).r5
+    best: dict[bool, tuple[float, ThiParams]] = {}
     for xi in xis:
         for thr in thresholds:
             params = replace(base, xi=xi, yes_threshold=thr)
             anchors = replay.anchors(params)
             m = retrieval_metrics(
-                replay.fused(anchors, params.lam), replay.data.query_ids, replay.data.gallery_ids
+                replay.fused(anchors, params.lam), data.query_ids, data.gallery_ids
             )
             key = m.r1 + m.map - 1e-6 * float((anchors >= 0).sum())
-            if key > best_key:
-                best, best_key = params, key
-    return best
+            within = (
+                r5_base - m.r5 <= limits.max_r5_drop + 1e-9
+                and lazy_cost_ratio(replay, params) <= limits.max_cost_ratio
+            )
+            if within not in best or key > best[within][0]:
+                best[within] = (key, params)
+    if True in best:
+        return best[True][1], True
+    return best[False][1], False
 
 
 @dataclass

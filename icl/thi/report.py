@@ -18,7 +18,7 @@ from icl.mllm.contract import MllmBackend
 from icl.models.dual_encoder import DualEncoder
 from icl.models.pretrained import tokenizer_for
 from icl.thi.engine import ThiParams, reference_evaluations
-from icl.thi.offline import Row, ThiData, ThiReplay, engine_cost, tune
+from icl.thi.offline import Row, ThiData, ThiReplay, TuningLimits, engine_cost, tune
 
 XI_GRID = (float("-inf"), 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, float("inf"))
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -89,7 +89,7 @@ def evaluate_thi(
     val = ThiReplay(
         thi_data(model, dataset.root, dataset.split(tune_split)), backend, base.candidates
     )
-    tuned = tune(val, base, XI_GRID, THRESHOLD_GRID)
+    tuned, within_limits = tune(val, base, XI_GRID, THRESHOLD_GRID, TuningLimits())
     test = ThiReplay(thi_data(model, dataset.root, dataset.split(split)), backend, base.candidates)
     no_anchor = np.zeros_like(test.p_yes)
     rows = [
@@ -123,6 +123,8 @@ def evaluate_thi(
         "split": split,
         "tuned_on": tune_split,
         "params": asdict(tuned),
+        "tuning_limits": asdict(TuningLimits()),
+        "tuned_within_limits": within_limits,
         "rows": [_row_dict(r) for r in rows],
         "costs": costs,
         "paper_schedule_evaluations_per_query": float(paper),
