@@ -13,7 +13,14 @@ from typer.testing import CliRunner
 
 from icl.cli import app
 from icl.data.readers import read_dataset
-from icl.models.config import CnnImageTower, Conv1dTextTower, ModelConfig, TseConfig
+from icl.models.config import (
+    ClipTextTower,
+    ClipVisionTower,
+    CnnImageTower,
+    Conv1dTextTower,
+    ModelConfig,
+    TseConfig,
+)
 from icl.models.dual_encoder import build_model, load_checkpoint
 from icl.models.heads import TseHead
 from icl.synthetic.dataset import write_synthetic_dataset
@@ -53,6 +60,16 @@ lr = 1e-3
 warmup_epochs = 0.5
 pad = 2
 """
+
+
+TINY_CLIP = ModelConfig(
+    image_size=(32, 16),
+    context_length=77,
+    embed_dim=32,
+    image_tower=ClipVisionTower(width=32, layers=1, heads=2, patch_size=8),
+    text_tower=ClipTextTower(width=32, layers=1, heads=2),
+    tse=TseConfig(dim=32, ratio=0.3),
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +139,9 @@ def test_image_augmentation_shapes_and_flip() -> None:
     assert padded.shape == pixels.shape and not torch.equal(padded, pixels)
 
 
-def test_trimmed_batches_embed_exactly_like_full_length() -> None:
-    model = build_model(TINY_MODEL)
+@pytest.mark.parametrize("config", ["cnn+conv1d", "clip"])
+def test_trimmed_batches_embed_exactly_like_full_length(config: str) -> None:
+    model = build_model(TINY_MODEL if config == "cnn+conv1d" else TINY_CLIP).eval()
     ids = torch.from_numpy(ClipTokenizer(77)(["a man", "a woman with long black hair and a hat"]))
     full = model.text(ids)
     assert trim_padding(ids).shape[1] < 77
@@ -247,3 +265,20 @@ def test_commands_fail_in_one_line(tiny_data: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and "error:" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("model", [TINY_MODEL, TINY_CLIP], ids=["cnn+conv1d", "clip"])
+def test_train_runs_the_same_on_every_tower_kind(model, tiny_data: Path, tmp_path: Path) -> None:
+    data = read_dataset(tiny_data)
+    run = RunConfig(model=model, train=TrainConfig(epochs=1, batch_size=32, pad=1))
+    result = train(
+        run,
+        data.split("train"),
+        data.split("val"),
+        tmp_path,
+        ClipTokenizer(77),
+        show_progress=False,
+    )
+    loaded = load_checkpoint(tmp_path / "best.pt")
+    assert loaded.config == model and result.best_epoch == 0
+    assert result.best_val["queries"] > 0

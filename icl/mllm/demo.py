@@ -54,6 +54,7 @@ class AttributeNet(nn.Module):
 
     def __init__(self, channels: Sequence[int] = (32, 64, 96, 128)) -> None:
         super().__init__()
+        self.channels = tuple(channels)
         layers: list[nn.Module] = []
         in_ch = 3
         for out_ch in channels:
@@ -304,6 +305,7 @@ def save_demo_mllm(model: DemoMllm, path: Path, extra: dict[str, Any] | None = N
         "format": FORMAT,
         "attributes": half["attributes"],
         "parser": half["parser"],
+        "attribute_channels": list(model.attributes.channels),
         "calibration": [model.calibration.scale, model.calibration.bias],
         "prior": [p.tolist() for p in model.prior],
         "min_confidence": model.min_confidence,
@@ -319,7 +321,8 @@ def load_demo_mllm(path: Path) -> DemoMllm:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path}: not a demo MLLM file (expected format {FORMAT})")
-    attributes, parser = AttributeNet(), CaptionParser()
+    attributes = AttributeNet(tuple(blob.get("attribute_channels", (32, 64, 96, 128))))
+    parser = CaptionParser()
     attributes.load_state_dict(
         {k: v.float() if v.is_floating_point() else v for k, v in blob["attributes"].items()}
     )

@@ -105,10 +105,15 @@ def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_attribute_net(
-    train: LabelledImages, val: LabelledImages, epochs: int, log: Progress, seed: int = 0
+    train: LabelledImages,
+    val: LabelledImages,
+    epochs: int,
+    log: Progress,
+    seed: int = 0,
+    channels: Sequence[int] = (32, 64, 96, 128),
 ) -> tuple[AttributeNet, np.ndarray]:
     torch.manual_seed(seed)
-    net = AttributeNet()
+    net = AttributeNet(channels)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * (len(train.pixels) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
@@ -275,14 +280,19 @@ def question_accuracy(model: DemoMllm, data: LabelledImages) -> dict[str, float]
 
 
 def train_demo_mllm(
-    data: Path, image_epochs: int, parser_captions: int, parser_epochs: int, log: Progress
+    data: Path,
+    image_epochs: int,
+    parser_captions: int,
+    parser_epochs: int,
+    log: Progress,
+    channels: Sequence[int] = (32, 64, 96, 128),
 ) -> tuple[DemoMllm, dict]:
     started = time.perf_counter()
     torch.set_num_threads(1)
     dataset = read_dataset(data)
     train = labelled_images(data, dataset.split("train"))
     val = labelled_images(data, dataset.split("val"))
-    attributes, image_acc = train_attribute_net(train, val, image_epochs, log)
+    attributes, image_acc = train_attribute_net(train, val, image_epochs, log, channels=channels)
     parser, text_acc = train_parser(parser_captions, parser_epochs, log)
     model = DemoMllm(attributes, parser, Calibration(), label_prior(train), key="training")
     images, texts, same = calibration_pairs(val)

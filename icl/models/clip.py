@@ -219,12 +219,13 @@ class ClipTextBackbone(nn.Module):
         self.num_tokens = context_length - 2  # SOS and EOT are never selected
 
     def forward(self, input_ids: torch.Tensor) -> TowerOutput:
-        if not torch.jit.is_tracing() and input_ids.shape[1] != self.context_length:
-            raise ValueError(
-                f"text tower expects {self.context_length} tokens, got {input_ids.shape[1]}"
-            )
+        length = input_ids.shape[1]
+        if not torch.jit.is_tracing() and length > self.context_length:
+            raise ValueError(f"text tower takes at most {self.context_length} tokens, got {length}")
         hidden = self.embeddings(input_ids=input_ids)
-        mask = self.causal_mask.to(hidden.dtype)
+        # A shorter batch (padding trimmed in training) is a prefix: under the causal mask its
+        # tokens see exactly what they would see at full length.
+        mask = self.causal_mask[:, :, :length, :length].to(hidden.dtype)
         hidden, weights = _run_encoder(self.encoder, hidden, mask)
         tokens = self.proj(self.final_layer_norm(hidden))
         eot = input_ids.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
