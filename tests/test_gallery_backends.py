@@ -262,3 +262,37 @@ def test_restart_keeps_rows(backend, tmp_path):
         assert g.get_vqa(["r00001"], "m@1") == {"r00001": ["a"]}
     finally:
         g.close()
+
+
+def test_lite_flushes_pending_rows_and_stays_exact(tmp_path, monkeypatch):
+    """Lite's MemTable is flushed lazily (before reads, and past LITE_FLUSH_ROWS pending
+    rows); rows in the MemTable, in flushed segments and their tombstones all agree."""
+    import icl.orchestrator.gallery as gallery_module
+
+    monkeypatch.setattr(gallery_module, "LITE_FLUSH_ROWS", 64)
+    g = MilvusGallery(str(tmp_path / "gallery.db"), DIM, "flush")
+    try:
+        vectors = unit_vectors(500, DIM, seed=11)
+        records = gallery_records(vectors)
+        for start in range(0, 500, 50):  # some chunks flush on write, the rest before reads
+            g.upsert(records[start : start + 50])
+            assert g._pending < 64
+            if start % 100 == 0:
+                hits = g.search(vectors[start], 1, GalleryFilter())
+                assert hits[0].image_id == f"r{start:05d}"
+                assert g._pending == 0
+        moved = GalleryRecord(**{**records[3].__dict__, "camera_id": "cam-99"})
+        g.upsert([moved])  # pending: replaces a row that is in a flushed segment
+        g.put_vqa({"r00004": ["a"]}, "m@1")
+        assert g.delete(["r00005"], GalleryFilter()) == 1
+        assert g.count() == 499
+        keep = np.array([r.camera_id == "cam-03" for r in records])
+        keep[5] = False
+        hits = g.search(vectors[13], 20, GalleryFilter(("cam-03",)))
+        assert [h.image_id for h in hits] == [
+            f"r{i:05d}" for i in _exact(vectors, vectors[13], 20, keep & (np.arange(500) != 3))
+        ]
+        assert g.unknown_cameras(["cam-99", "cam-98"]) == ["cam-98"]
+        assert g.get_vqa(["r00004"], "m@1") == {"r00004": ["a"]}
+    finally:
+        g.close()

@@ -63,8 +63,10 @@ def test_eval_thi_command_writes_json(small: Path, tmp_path: Path) -> None:
     args = ["eval", "--data", str(small), "--checkpoint", str(demo_path(DEMO_WEIGHTS)), "--thi"]
     result = CliRunner().invoke(app, [*args, "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "perfect verifier" in result.output and "round trips" in result.output
+    assert "THI on test" in result.output and "MLLM cost per query" in result.output
     payload = json.loads(out.read_text())
     assert payload["thi"]["tuned_on"] == "val" and payload["thi"]["split"] == "test"
+    names = [row["name"] for row in payload["thi"]["rows"]]
+    assert names[0] == "base (THI off)" and names[-1] == "THI, perfect verifier"
     bad = CliRunner().invoke(app, [*args, "--split", "val"])
     assert bad.exit_code == 2 and "tunes on val" in bad.output
