@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from icl.orchestrator.tritonserver import _die_with_parent, free_port
 
@@ -66,19 +67,11 @@ class MilvusServer:
                 "(in the dev extra)"
             ) from exc
         self.data_dir = self.data_dir.resolve()
+        if self.process is None and not self.port:
+            self._auto_port = True
         self.port = self.port or free_port()
         self.metrics_port = self.metrics_port or free_port()
-        config = MilvusServerConfig(data_dir=str(self.data_dir), proxy_port=self.port)
-        for key in list(config.configurable_items):
-            if key.endswith("_port") and key != "proxy_port":
-                config.update(**{key: free_port()})
-        for component in _COMPONENTS:
-            config.set(f"{component}.ip", "127.0.0.1")
-        # The default waits up to 30 min for in-flight work on SIGTERM; tests need seconds.
-        config.set("common.gracefulStopTimeout", 5)
-        # A restart waits for the previous run's etcd sessions to expire (default 30 s).
-        config.set("common.session.ttl", 10)
-        config.resolve()  # writes configs/milvus.yaml under data_dir
+        config = self._resolved_config(MilvusServerConfig)
         self._pin_embedded_etcd(int(config.get("etcd_port")))
         _initialize_data_files(str(self.data_dir))  # unpacks the binary and its libraries
         bin_dir = self.data_dir / "bin"
@@ -108,6 +101,34 @@ class MilvusServer:
             self.stop()
             raise
         return self
+
+    def _resolved_config(self, config_class: type) -> Any:
+        """The package's config, resolved (written under data_dir). Resolving test-binds the
+        ports, and after a stop the old proxy port stays in TIME_WAIT for up to a minute: an
+        automatically chosen port is then replaced by a fresh one (the new `uri` says which);
+        a port the caller chose is retried for a while."""
+        deadline = time.monotonic() + 30
+        while True:
+            config = config_class(data_dir=str(self.data_dir), proxy_port=self.port)
+            for key in list(config.configurable_items):
+                if key.endswith("_port") and key != "proxy_port":
+                    config.update(**{key: free_port()})
+            for component in _COMPONENTS:
+                config.set(f"{component}.ip", "127.0.0.1")
+            # The default waits up to 30 min for in-flight work on SIGTERM; tests need seconds.
+            config.set("common.gracefulStopTimeout", 5)
+            # A restart waits for the previous run's etcd sessions to expire (default 30 s).
+            config.set("common.session.ttl", 10)
+            try:
+                config.resolve()  # writes configs/milvus.yaml under data_dir
+                return config
+            except RuntimeError as exc:
+                if "bind failed" not in str(exc) or time.monotonic() > deadline:
+                    raise MilvusLaunchError(f"Milvus ports: {exc}") from None
+                if getattr(self, "_auto_port", False):
+                    self.port = free_port()
+                else:
+                    time.sleep(0.5)
 
     def _pin_embedded_etcd(self, client_port: int) -> None:
         """Embedded etcd otherwise listens on the fixed 2379/2380: two servers would clash."""

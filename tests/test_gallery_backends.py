@@ -258,7 +258,11 @@ def test_restart_keeps_rows(backend, tmp_path):
     g = backend.open()
     try:
         assert g.count() == 200
-        assert g.search(vectors[5], 20, GalleryFilter(camera_ids=("cam-05", "cam-06"))) == before
+        after = g.search(vectors[5], 20, GalleryFilter(camera_ids=("cam-05", "cam-06")))
+        # Same rows and order; scores may differ in the last float bits once Lite answers
+        # from its HNSW index rather than its in-memory buffer.
+        assert [h.image_id for h in after] == [h.image_id for h in before]
+        np.testing.assert_allclose([h.score for h in after], [h.score for h in before], atol=1e-5)
         assert g.get_vqa(["r00001"], "m@1") == {"r00001": ["a"]}
     finally:
         g.close()
