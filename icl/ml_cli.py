@@ -300,9 +300,10 @@ def _thi(
 def train_mllm(
     data: Annotated[Path, typer.Option(help="A synthetic dataset written by `icl synth`.")],
     out: Annotated[Path, typer.Option(help="Weights file to write.")],
-    image_epochs: Annotated[int, typer.Option(min=1)] = 15,
-    parser_captions: Annotated[int, typer.Option(min=100)] = 40000,
-    parser_epochs: Annotated[int, typer.Option(min=1)] = 6,
+    # The defaults are the committed demo MLLM's (icl/demo/mllm.pt).
+    image_epochs: Annotated[int, typer.Option(min=1)] = 40,
+    parser_captions: Annotated[int, typer.Option(min=100)] = 20000,
+    parser_epochs: Annotated[int, typer.Option(min=1)] = 3,
 ) -> None:
     """Train the demo MLLM (attribute VQA net + caption parser) on the synthetic world."""
     from icl.data.readers import DatasetError

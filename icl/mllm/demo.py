@@ -140,7 +140,6 @@ def _value_phrase(attr: str, value: str) -> str | None:
         "lower_colour": "lower-body garment",
         "bag_colour": "bag",
         "hat_colour": "hat",
-        "shoe_colour": "shoes",
     }
     if value == "none":
         words = {
@@ -157,6 +156,8 @@ def _value_phrase(attr: str, value: str) -> str | None:
         return "The person is bald." if value == "bald" else f"The person has {value} hair."
     if attr == "hair_colour":
         return f"The person has {value} hair."
+    if attr == "shoe_colour":
+        return f"The shoes are {value}."
     if attr in colour_of:
         return f"The {colour_of[attr]} is {value}."
     if attr == "upper_type":
@@ -166,7 +167,7 @@ def _value_phrase(attr: str, value: str) -> str | None:
     if attr == "upper_pattern":
         return f"The clothes are {value}." if value != "logo" else "The top has a logo."
     if attr == "lower_type":
-        return f"The person is wearing {value}."
+        return f"The person is wearing {'a skirt' if value == 'skirt' else value}."
     if attr == "lower_length":
         return f"The lower garment is {value}."
     if attr == "shoe_type":
@@ -180,7 +181,7 @@ def _value_phrase(attr: str, value: str) -> str | None:
     if attr == "scarf":
         return f"The person is wearing a {value} scarf."
     if attr == "held_object":
-        return f"The person is holding a {value}."
+        return f"The person is holding {'an' if value[0] in 'aeiou' else 'a'} {value}."
     return None
 
 

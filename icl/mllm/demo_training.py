@@ -115,15 +115,16 @@ def train_attribute_net(
     torch.manual_seed(seed)
     net = AttributeNet(channels)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = epochs * (len(train.pixels) // 128)
+    size = min(128, len(train.pixels))  # the batch; a tiny split trains in one batch
+    steps = epochs * (len(train.pixels) // size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     best, best_state = -1.0, None
     for epoch in range(epochs):
         net.train()
         order = torch.randperm(len(train.pixels), generator=gen)
-        for start in range(0, len(order) - 127, 128):
-            batch = order[start : start + 128]
+        for start in range(0, len(order) - size + 1, size):
+            batch = order[start : start + size]
             loss = _head_loss(net(_augment(train.pixels[batch], gen)), train.labels[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,8 +181,9 @@ def train_parser(
     for epoch in range(epochs):
         net.train()
         order = torch.randperm(len(ids), generator=gen)
-        for start in range(0, len(order) - 255, 256):
-            batch = order[start : start + 256]
+        size = min(256, len(order))
+        for start in range(0, len(order) - size + 1, size):
+            batch = order[start : start + size]
             cut = int((ids[batch] != 0).sum(dim=1).max())
             loss = _head_loss(net(ids[batch, :cut]), labels[batch])
             for opt in opts:
@@ -285,7 +287,7 @@ def train_demo_mllm(
     parser_captions: int,
     parser_epochs: int,
     log: Progress,
-    channels: Sequence[int] = (32, 64, 96, 128),
+    channels: Sequence[int] = (48, 96, 144, 192),
 ) -> tuple[DemoMllm, dict]:
     started = time.perf_counter()
     torch.set_num_threads(1)
