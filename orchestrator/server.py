@@ -195,7 +195,11 @@ class PersonSearchService:
             return pb.SearchResponse(hits=[_hit(h) for h in hits])
         assert self.mllm is not None and self.crops is not None
         remaining = context.time_remaining()
-        budget = self.mllm_timeout_s if remaining is None else min(self.mllm_timeout_s, remaining)
+        # The MLLM gets the configured time, but never more than 80% of what is left of the
+        # request's deadline: the rest is for fusing and answering.
+        budget = (
+            self.mllm_timeout_s if remaining is None else min(self.mllm_timeout_s, 0.8 * remaining)
+        )
         result = await thi_search(
             query.text,
             vectors[0],
@@ -207,7 +211,7 @@ class PersonSearchService:
             encode_texts=lambda texts: self.encoders.encode_texts(texts, context.time_remaining()),
             mllm=self.mllm,
             crops=self.crops,
-            mllm_timeout_s=max(0.1, budget * 0.8),  # leave time to fuse and answer
+            mllm_timeout_s=budget,
         )
         return pb.SearchResponse(hits=[_hit(h) for h in result.hits], thi_trace=_trace(result))
 
