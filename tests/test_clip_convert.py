@@ -445,17 +445,21 @@ def test_towers_match_transformers_clip_models() -> None:
     state = {k: v for k, v in txt.state_dict().items() if not k.startswith("proj.")}
     hf_txt.load_state_dict(state, strict=True)
 
-    x, ids = torch.randn(2, 3, 48, 48), _ids(2, 77)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    ids = _ids(2, 77)
+    # Attention maps come from different kernels (ours fused, transformers eager): softmax
+    # probabilities agree to float32 rounding, not to assert_close's default 1e-5.
+    probs = dict(atol=1e-4, rtol=1e-3)
     with torch.no_grad():
         ours, ref = vis(x), hf_vis(pixel_values=x, output_attentions=True)
         torch.testing.assert_close(ours.global_feature, vis.proj(ref.pooler_output))
-        torch.testing.assert_close(ours.scores, ref.attentions[-1][:, :, 0, 1:].mean(1))
+        torch.testing.assert_close(ours.scores, ref.attentions[-1][:, :, 0, 1:].mean(1), **probs)
         ours, ref = txt(ids), hf_txt(input_ids=ids, output_attentions=True)
         torch.testing.assert_close(ours.global_feature, txt.proj(ref.pooler_output))
         torch.testing.assert_close(ours.tokens, txt.proj(ref.last_hidden_state))
         eot = ids.argmax(-1)
         attn = ref.attentions[-1].mean(1)[torch.arange(2), eot]
-        torch.testing.assert_close(ours.scores, attn)
+        torch.testing.assert_close(ours.scores, attn, **probs)
     # Causal: the EOT token attends to nothing after itself; valid excludes SOS/EOT/padding.
     assert torch.all(ours.scores[0, eot[0] + 1 :] == 0)
     assert ours.valid.sum(-1).tolist() == [3, 7]
