@@ -307,9 +307,12 @@ class PersonSearchService:
 
         async def delete() -> pb.DeleteResponse:
             ids, where = v.check_delete(request)
-            return pb.DeleteResponse(
-                deleted=await self._in_gallery(self.gallery.delete, ids, where)
-            )
+            removed = await self._in_gallery(self.gallery.delete, ids, where)
+            if self.crops is not None:
+                # After the rows: a crash in between leaves crops no search can reach, never
+                # a row whose crop THI cannot load. A deleted image keeps no pixels here.
+                await asyncio.to_thread(self.crops.delete, removed)
+            return pb.DeleteResponse(deleted=len(removed))
 
         return await self._guard(context, delete())
 

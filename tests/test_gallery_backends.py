@@ -160,7 +160,7 @@ def test_long_lists(gallery):
     with pytest.raises(ValueError, match="at most 256"):
         filter_expression(GalleryFilter((*cams, "cam-x")))
     ids = [f"r{i:05d}" for i in range(10_000)]
-    assert gallery.delete(ids, GalleryFilter(camera_ids=("cam-01",))) == 3
+    assert len(gallery.delete(ids, GalleryFilter(camera_ids=("cam-01",)))) == 3
     with pytest.raises(ValueError, match="at most 10000"):
         gallery.delete([*ids, "r99999"], GalleryFilter())
 
@@ -168,15 +168,36 @@ def test_long_lists(gallery):
 def test_delete_by_ids_camera_and_time(gallery):
     records = gallery_records(unit_vectors(100, DIM, seed=6))
     gallery.upsert(records)
-    assert gallery.delete(["r00001", "r00002", "nope"], GalleryFilter()) == 2
-    assert gallery.delete(["r00001"], GalleryFilter()) == 0
-    assert gallery.delete([], GalleryFilter(camera_ids=("cam-05",))) == 10
+    assert gallery.delete(["r00001", "r00002", "nope"], GalleryFilter()) == ["r00001", "r00002"]
+    assert gallery.delete(["r00001"], GalleryFilter()) == []
+    assert len(gallery.delete([], GalleryFilter(camera_ids=("cam-05",)))) == 10
     t = records[90].captured_at_ms
-    assert gallery.delete([], GalleryFilter(start_ms=t)) == 9  # r00095 went with cam-05
+    assert len(gallery.delete([], GalleryFilter(start_ms=t))) == 9  # r00095 went with cam-05
     assert gallery.count() == 100 - 2 - 10 - 9
     assert gallery.unknown_cameras(["cam-05", "cam-06"]) == ["cam-05"]
     with pytest.raises(ValueError):
         gallery.delete([], GalleryFilter())
+
+
+def test_known_cameras_are_not_queried_again(gallery, monkeypatch):
+    gallery.upsert(gallery_records(unit_vectors(20, DIM, seed=7)))  # cam-00 .. cam-09
+    queried: list[str] = []
+    query = gallery._client.query
+
+    def spy(*args, **kwargs):
+        queried.append(kwargs["filter"])
+        return query(*args, **kwargs)
+
+    monkeypatch.setattr(gallery._client, "query", spy)
+    assert gallery.unknown_cameras(["cam-01", "cam-77"]) == ["cam-77"]
+    assert queried == ['camera_id == "cam-77"']  # cam-01 was written through this adapter
+    assert gallery.unknown_cameras(["cam-77"]) == ["cam-77"]  # unknown ones are asked each time
+    assert len(queried) == 2
+    gallery._known_cameras.clear()  # e.g. a restarted orchestrator: learns cam-01 by one query
+    assert gallery.unknown_cameras(["cam-01"]) == gallery.unknown_cameras(["cam-01"]) == []
+    assert queried[2:] == ['camera_id == "cam-01"']
+    gallery.delete([], GalleryFilter(camera_ids=("cam-01",)))  # empties cam-01
+    assert gallery.unknown_cameras(["cam-01", "cam-02"]) == ["cam-01"]
 
 
 def test_vqa_cache(gallery):
@@ -288,7 +309,7 @@ def test_lite_flushes_pending_rows_and_stays_exact(tmp_path, monkeypatch):
         moved = GalleryRecord(**{**records[3].__dict__, "camera_id": "cam-99"})
         g.upsert([moved])  # pending: replaces a row that is in a flushed segment
         g.put_vqa({"r00004": ["a"]}, "m@1")
-        assert g.delete(["r00005"], GalleryFilter()) == 1
+        assert g.delete(["r00005"], GalleryFilter()) == ["r00005"]
         assert g.count() == 499
         keep = np.array([r.camera_id == "cam-03" for r in records])
         keep[5] = False

@@ -6,12 +6,14 @@ that the whole path (decode, resize, Triton batching, Milvus HNSW inner product)
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
 from icl.images import decode_crop
 from icl.onnx_encoders import OnnxEncoders
 from icl.orchestrator.client import search_request
+from icl.orchestrator.crops import CropMissing, CropStore
 from icl.reid.v1 import person_search_pb2 as pb
 from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
 from icl.synthetic.demo_gallery import demo_gallery, demo_queries
@@ -96,10 +98,29 @@ def test_enroll_is_idempotent_and_delete_removes(orchestrator, enrolled):
         every = stub.Search(search_request("a person", top_k=1000), timeout=30)
         assert sorted(h.image_id for h in every.hits) == sorted(d.image_id for d in enrolled)
 
+        # The crop store (next to the Lite data dir) loses a deleted image's pixels too.
+        crops = CropStore(orchestrator.log.parent / "crops")
         victim = enrolled[-1].image_id
+        assert len(crops.load([victim])) == 1
         gone = stub.Delete(pb.DeleteRequest(image_ids=[victim, "never-enrolled"]), timeout=30)
         assert gone.deleted == 1
+        with pytest.raises(CropMissing):
+            crops.load([victim])
         left = stub.Search(search_request("a person", top_k=1000), timeout=30)
         assert victim not in {h.image_id for h in left.hits}
         assert len(left.hits) == N_IMAGES - 1
-        enroll_all(stub, gallery_images(enrolled[-1:]))  # restore for other tests
+
+        camera = enrolled[0].camera_id
+        on_camera = [d for d in enrolled[:-1] if d.camera_id == camera]
+        request = pb.DeleteRequest(camera_ids=[camera])
+        assert stub.Delete(request, timeout=30).deleted == len(on_camera)
+        for d in on_camera:
+            with pytest.raises(CropMissing):
+                crops.load([d.image_id])
+        kept = next(d for d in enrolled if d.camera_id != camera)
+        assert len(crops.load([kept.image_id])) == 1
+        with pytest.raises(grpc.RpcError) as err:  # the camera has no rows left
+            stub.Search(search_request("a person", top_k=5, camera_ids=[camera]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        enroll_all(stub, gallery_images([*on_camera, enrolled[-1]]))  # restore for other tests
+        assert len(crops.load([victim])) == 1
