@@ -287,7 +287,15 @@ def demo(
     workdir: Annotated[
         Path, typer.Option(help="Where the model repository, gallery and logs go.")
     ] = WORKDIR,
-    images: Annotated[int, typer.Option(min=1, max=100_000, help="Demo gallery size.")] = 300,
+    images: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=100_000,
+            help="Demo gallery size (on Milvus Lite; past about 100k images serve the gallery "
+            "from a Milvus server: docs/gallery.md).",
+        ),
+    ] = 300,
     port: Annotated[int, typer.Option(help="Orchestrator port (0: a free port).")] = 0,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Dual-encoder checkpoint (default: the demo model).")

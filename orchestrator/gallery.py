@@ -60,6 +60,9 @@ NORM_TOLERANCE = 1e-3
 # the adapter flushes lazily: before the next read that walks the MemTable, and whenever this
 # many rows are pending (bounds a flush and the first search after a bulk load).
 LITE_FLUSH_ROWS = 2048
+# Past about this many rows Milvus Lite's searches slow down (55 ms p50 at 100k against a
+# server's few ms; docs/gallery.md): the adapter says once that a server is the better home.
+LITE_ADVISED_MAX_ROWS = 100_000
 KNOWN_CAMERA_TTL_S = 30.0  # how long a camera known to have rows is not queried again
 
 SCHEMA_FIELDS = {
@@ -120,6 +123,10 @@ class MilvusGallery:
         self._strong_until = 0.0
         self._pending = 0  # rows written to Lite's MemTable since the last flush
         self._known_cameras: dict[str, float] = {}  # camera id -> monotonic expiry
+        self._lite_rows = 0  # Lite: rows at open plus rows upserted since (an upper bound)
+        self._advised = False
+        self.search_ef = SEARCH_EF  # HNSW beam widths (benchmarks/gallery.py sweeps them)
+        self.filtered_search_ef = FILTERED_SEARCH_EF
         if self.local:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -165,6 +172,23 @@ class MilvusGallery:
             # Rows replayed from Lite's write-ahead log after a crash sit in the MemTable.
             self._pending = 1
             self._flush_pending()
+            self._lite_rows = self.count()
+            self._advise_server()
+
+    def _advise_server(self) -> None:
+        """Log once when a Lite gallery has grown past LITE_ADVISED_MAX_ROWS."""
+        if self._advised or self._lite_rows <= LITE_ADVISED_MAX_ROWS:
+            return
+        self._lite_rows = self.count()  # upserts of existing ids were counted as new rows
+        if self._lite_rows > LITE_ADVISED_MAX_ROWS:
+            self._advised = True
+            log.warning(
+                "the gallery holds %d images in Milvus Lite; past about %d, serve it from a "
+                "Milvus server (--milvus-uri http://HOST:19530) for faster searches "
+                "(docs/gallery.md)",
+                self._lite_rows,
+                LITE_ADVISED_MAX_ROWS,
+            )
 
     def _flush_pending(self, at_least: int = 1) -> None:
         """Lite: move pending MemTable rows into an indexed segment (see LITE_FLUSH_ROWS).
@@ -229,6 +253,9 @@ class MilvusGallery:
         self._upsert_rows(rows)
         expiry = time.monotonic() + KNOWN_CAMERA_TTL_S
         self._known_cameras.update((r["camera_id"], expiry) for r in rows)
+        if self.local:
+            self._lite_rows += len(rows)
+            self._advise_server()
 
     def _upsert_rows(self, rows: list[dict[str, Any]]) -> None:
         try:
@@ -241,7 +268,7 @@ class MilvusGallery:
     def search(self, vector: np.ndarray, top_k: int, where: GalleryFilter) -> list[GalleryHit]:
         vec = self._vector(vector, "query")
         self._flush_pending()
-        ef = max(top_k, SEARCH_EF if where.empty else FILTERED_SEARCH_EF)
+        ef = max(top_k, self.search_ef if where.empty else self.filtered_search_ef)
         result = self._client.search(
             self.collection,
             data=[vec],

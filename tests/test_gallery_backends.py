@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from pymilvus import DataType, MilvusClient
 
+from icl.orchestrator import gallery as gallery_module
 from icl.orchestrator.gallery import GalleryError, MilvusGallery, filter_expression
 from icl.orchestrator.milvus_server import MilvusServer
 from icl.ports import GalleryFilter, GalleryRecord
@@ -198,6 +200,29 @@ def test_known_cameras_are_not_queried_again(gallery, monkeypatch):
     assert queried[2:] == ['camera_id == "cam-01"']
     gallery.delete([], GalleryFilter(camera_ids=("cam-01",)))  # empties cam-01
     assert gallery.unknown_cameras(["cam-01", "cam-02"]) == ["cam-01"]
+
+
+def test_lite_advises_a_server_once_past_its_size(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(gallery_module, "LITE_ADVISED_MAX_ROWS", 30)
+    records = gallery_records(unit_vectors(40, DIM, seed=8))
+
+    def advice() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == gallery_module.__name__]
+
+    with caplog.at_level(logging.WARNING, logger=gallery_module.__name__):
+        g = MilvusGallery(str(tmp_path / "big.db"), DIM, "big")
+        g.upsert(records[:20])
+        g.upsert(records[:20])  # the same ids again: still 20 rows, no advice
+        assert advice() == []
+        g.upsert(records[20:])
+        g.upsert(records[:5])
+        g.close()
+        assert advice() == [
+            "the gallery holds 40 images in Milvus Lite; past about 30, serve it from a Milvus "
+            "server (--milvus-uri http://HOST:19530) for faster searches (docs/gallery.md)"
+        ]
+        MilvusGallery(str(tmp_path / "big.db"), DIM, "big").close()  # said again at open
+        assert len(advice()) == 2
 
 
 def test_vqa_cache(gallery):
