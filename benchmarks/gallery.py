@@ -1,14 +1,16 @@
 """Gallery benchmark: enrolment throughput end to end, and search latency and recall.
 
-    python benchmarks/gallery.py --sizes 10000,100000     # writes docs/gallery.md's table
+    python benchmarks/gallery.py --sizes 10000,100000,1000000  # writes docs/gallery.md's table
 
-Enrolment: the demo model served by the real tritonserver (CPU), an in-process orchestrator
-on Milvus Lite, and demo crops (PNG) streamed through Enroll; compared with the image
-encoder alone (pre-decoded pixels straight to Triton, same batch size, 2 requests in
-flight) in the same run. Search: random L2-normalised 512-d vectors (the demo model's
-width), 10 cameras; Milvus Lite, the Milvus 2.3.5 server (PyPI `milvus`, loopback) and a
-numpy exact baseline; single-query latency p50/p95 and recall@10 against exact search,
-unfiltered and filtered to one camera (10% of rows).
+Enrolment: the demo encoder (and the paper's ViT-B/16 size) served by the real tritonserver
+(CPU), an in-process orchestrator on Milvus Lite or the server, and demo crops (PNG) streamed
+through Enroll; compared with the image encoder alone (pre-decoded pixels straight to Triton,
+same batch size, 2 requests in flight) in alternating rounds of the same run. Search: the
+demo model's embeddings of synthetic crops, queried with its embeddings of captions (built
+once into --cache; `--data random` for random unit vectors), 10 cameras; Milvus Lite, the
+Milvus 2.3.5 server (PyPI `milvus`, loopback) and a numpy exact baseline; single-query
+latency p50/p95 and recall@10 against exact search, unfiltered and filtered to one camera
+(10% of rows), at the service's ef and over an ef sweep.
 """
 
 from __future__ import annotations
@@ -38,6 +40,79 @@ CAMERAS = 10
 def unit(n: int, seed: int) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------- demo-model vectors
+# Gallery rows are the demo image encoder's embeddings of synthetic crops and queries its
+# text encoder's embeddings of captions of identities in the gallery: the clusters (several
+# views per identity, shared attributes) and the text-image modality gap that HNSW meets in
+# service. Random unit vectors have neither and are the worst case for any graph index.
+CHUNK = 10_000  # rows per cached file; a gallery of N rows is the first N / CHUNK files
+PER_PERSON = 4  # images per identity, as in the benchmark datasets
+_model = None
+
+
+def _worker_init() -> None:
+    import torch
+
+    from icl.demo import DEMO_WEIGHTS, demo_path
+    from icl.models.dual_encoder import load_checkpoint
+
+    global _model
+    torch.set_num_threads(1)  # one process per core
+    _model = load_checkpoint(demo_path(DEMO_WEIGHTS)).eval()
+
+
+def _image_chunk(index: int) -> np.ndarray:
+    """Embeddings of rows index*CHUNK .. +CHUNK: identity i // PER_PERSON, one render each."""
+    from icl.evaluation import embed_images
+    from icl.images import decode_crop, encode_png
+    from icl.synthetic.world import render, sample_person
+
+    size = tuple(_model.config.image_size)
+    pixels = np.empty((CHUNK, *size, 3), np.uint8)
+    for k in range(CHUNK):
+        row = index * CHUNK + k
+        pid = row // PER_PERSON
+        person = sample_person(np.random.default_rng([0, pid]), pid)
+        crop = render(person, np.random.default_rng([1, row]))
+        pixels[k] = decode_crop(encode_png(crop), size)  # exactly what Enroll feeds Triton
+    return embed_images(_model, pixels)
+
+
+def _query_chunk(pids: list[int]) -> np.ndarray:
+    from icl.evaluation import embed_texts
+    from icl.models.pretrained import tokenizer_for
+    from icl.synthetic.world import caption, sample_person
+
+    texts = [
+        caption(sample_person(np.random.default_rng([0, p]), p), np.random.default_rng([2, p]))
+        for p in pids
+    ]
+    return embed_texts(_model, tokenizer_for(_model.config)(texts))
+
+
+def model_vectors(rows: int, queries: int, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` gallery vectors and `queries` query vectors, built once into `cache`."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    cache.mkdir(parents=True, exist_ok=True)
+    files = [cache / f"images-{i:04d}.npy" for i in range(-(-rows // CHUNK))]
+    qfile = cache / f"queries-{rows}-{queries}.npy"
+    missing = [i for i, f in enumerate(files) if not f.exists()]
+    if missing or not qfile.exists():
+        t = time.perf_counter()
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(os.cpu_count(), ctx, initializer=_worker_init) as pool:
+            for i, vecs in zip(missing, pool.map(_image_chunk, missing), strict=True):
+                np.save(files[i], vecs.astype(np.float32))
+                print(f"vectors: chunk {i + 1}/{len(files)} {time.perf_counter() - t:.0f} s")
+            # Queries describe identities whose images are in the gallery (spread over it).
+            pids = np.random.default_rng(rows).choice(rows // PER_PERSON, queries, False)
+            np.save(qfile, pool.submit(_query_chunk, pids.tolist()).result())
+    gallery = np.concatenate([np.load(f) for f in files])[:rows]
+    return gallery, np.load(qfile)
 
 
 # ---------------------------------------------------------------- enrolment, end to end
@@ -74,7 +149,27 @@ class _Cpu:
         return {k: 1000 * (self._cpu(k) - self.start[k]) / n for k in self.pids}
 
 
+def _repository(model_name: str, work: Path) -> Path:
+    """The CPU Triton repository of `model_name`: `demo` as `icl demo` exports it (1 instance
+    x 1 thread), `vit-b16` the paper's ViT-B/16 at 384x128 (random weights: only the speed
+    matters here) with the documented CPU setting, 2 instances x 1 thread."""
+    from icl.demo import DEMO_WEIGHTS, demo_path
+    from icl.export.repository import CpuServingSettings, write_repository
+    from icl.models.config import vit_b16_config
+    from icl.models.dual_encoder import build_model, load_checkpoint
+
+    repo = work / f"repo-{model_name}"
+    if not repo.exists():
+        if model_name == "demo":
+            write_repository(load_checkpoint(demo_path(DEMO_WEIGHTS)), repo)
+        else:
+            settings = CpuServingSettings(instances=2, intra_op_threads=1)
+            write_repository(build_model(vit_b16_config()).eval(), repo, settings)
+    return repo
+
+
 async def _enrol(
+    model_name: str,
     n_images: int,
     batch: int,
     work: Path,
@@ -85,10 +180,7 @@ async def _enrol(
     """Encoder alone vs Enroll end to end; `milvus_uri` "" = Milvus Lite in this process."""
     import grpc
 
-    from icl.demo import DEMO_WEIGHTS, demo_path
-    from icl.export.repository import write_repository
     from icl.images import decode_crop
-    from icl.models.dual_encoder import load_checkpoint
     from icl.orchestrator.client import channel_options, enroll
     from icl.orchestrator.encoders import TritonEncoders
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
@@ -98,9 +190,7 @@ async def _enrol(
     from icl.synthetic.demo_gallery import demo_gallery, to_gallery_image
 
     items = [to_gallery_image(d) for d in demo_gallery(n_images, seed=3)]
-    repo = work / "repo"
-    if not repo.exists():
-        write_repository(load_checkpoint(demo_path(DEMO_WEIGHTS)), repo)
+    repo = _repository(model_name, work)
     collection = f"enrol_{time.monotonic_ns()}"
     with TritonServer(repo, work / "triton.log") as triton:
         assert triton.process is not None
@@ -155,6 +245,8 @@ async def _enrol(
     runs.sort(key=lambda run: run[1] / run[0])
     encoder_rate, e2e_rate, encoder_cpu, e2e_cpu = runs[len(runs) // 2]  # the median ratio
     return {
+        "model": model_name,
+        "images": n_images,
         "backend": "server" if milvus_uri else "lite",
         "encoder": encoder_rate,
         "e2e": e2e_rate,
@@ -218,19 +310,23 @@ def _fill(gallery: MilvusGallery, vectors: np.ndarray, chunk: int = 5000) -> flo
     return len(vectors) / (time.perf_counter() - t)
 
 
-def _measure(search, vectors: np.ndarray, queries: np.ndarray) -> dict[str, float]:
-    cams = np.arange(len(vectors)) % CAMERAS
+def _truth(vectors: np.ndarray, queries: np.ndarray) -> dict[str, list[set[int]]]:
+    """Exact top-10 rows per query, unfiltered and on camera 3 (10% of rows)."""
+    keep = np.arange(len(vectors)) % CAMERAS == 3
+    out: dict[str, list[set[int]]] = {"all": [], "cam": []}
+    for q in queries:
+        scores = vectors @ q
+        out["all"].append(set(np.argpartition(-scores, 10)[:10].tolist()))
+        scores[~keep] = -np.inf
+        out["cam"].append(set(np.argpartition(-scores, 10)[:10].tolist()))
+    return out
+
+
+def _measure(search, queries: np.ndarray, truth: dict[str, list[set[int]]]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for name, where, keep in [
-        ("all", GalleryFilter(), None),
-        ("cam", GalleryFilter(("cam-03",)), cams == 3),
-    ]:
+    for name, where in [("all", GalleryFilter()), ("cam", GalleryFilter(("cam-03",)))]:
         times, recall = [], []
-        for q in queries:
-            scores = vectors @ q
-            if keep is not None:
-                scores = np.where(keep, scores, -np.inf)
-            want = set(np.argpartition(-scores, 10)[:10].tolist())
+        for q, want in zip(queries, truth[name], strict=True):
             t = time.perf_counter()
             got = search(q, where)
             times.append(time.perf_counter() - t)
@@ -261,11 +357,22 @@ def _numpy_search(vectors: np.ndarray):
 
 
 def _search_rows(
-    sizes: list[int], backends: list[str], n_queries: int, work: Path, server: MilvusServer | None
-) -> list:
-    rows = []
+    sizes: list[int],
+    backends: list[str],
+    n_queries: int,
+    work: Path,
+    server: MilvusServer | None,
+    data: str,
+    cache: Path,
+    sweep: list[int],
+) -> tuple[list, list]:
+    rows, sweeps = [], []
     for size in sizes:
-        vectors, queries = unit(size, 1), unit(n_queries, 2)
+        if data == "model":
+            vectors, queries = model_vectors(size, n_queries, cache)
+        else:
+            vectors, queries = unit(size, 1), unit(n_queries, 2)
+        truth = _truth(vectors, queries)
         for backend in backends:
             insert_rate, rss = float("nan"), float("nan")
             if backend == "numpy":
@@ -278,14 +385,18 @@ def _search_rows(
                 insert_rate = _fill(gallery, vectors)
                 rss = _rss_mb(pid) - before
                 search = _milvus_search(gallery)
-            m = _measure(search, vectors, queries)
+            m = _measure(search, queries, truth)
+            rows.append((size, backend, insert_rate, rss, m))
+            print(size, backend, f"{insert_rate:.0f} rows/s, +{rss:.0f} MB", m, flush=True)
             if backend != "numpy":
+                for ef in sweep:  # one beam for both; the service uses a wider one filtered
+                    gallery.search_ef = gallery.filtered_search_ef = ef
+                    sweeps.append((size, backend, ef, _measure(search, queries, truth)))
+                    print(size, backend, "ef", ef, sweeps[-1][-1], flush=True)
                 if backend == "server":
                     gallery._client.drop_collection(gallery.collection)  # free server memory
                 gallery.close()
-            rows.append((size, backend, insert_rate, rss, m))
-            print(size, backend, f"{insert_rate:.0f} rows/s, +{rss:.0f} MB", m, flush=True)
-    return rows
+    return rows, sweeps
 
 
 def _machine() -> str:
@@ -303,8 +414,8 @@ def _enrol_line(r: dict) -> str:
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in e2e.items())
     rounds = " / ".join(f"{100 * x:.0f}" for x in r["ratios"])
     return (
-        f"| {r['backend']} | {r['encoder']:.0f} | {r['e2e']:.0f} | "
-        f"{100 * r['e2e'] / r['encoder']:.0f}% ({rounds}) | {enc['triton']:.2f} | {cpu} |"
+        f"| {r['model']} | {r['backend']} | {r['images']} | {r['encoder']:.0f} | {r['e2e']:.0f} "
+        f"| {100 * r['e2e'] / r['encoder']:.0f}% ({rounds}) | {enc['triton']:.2f} | {cpu} |"
     )
 
 
@@ -313,46 +424,71 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000", help="gallery sizes, comma separated")
     ap.add_argument("--backends", default="lite,server,numpy")
     ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--enrol-images", type=int, default=2048)
+    ap.add_argument(
+        "--data",
+        choices=["model", "random"],
+        default="model",
+        help="demo-model embeddings of synthetic crops and captions, or random unit vectors",
+    )
+    ap.add_argument("--cache", type=Path, default=ROOT / ".icl" / "bench-vectors")
+    ap.add_argument("--ef-sweep", default="32,64,128,256", help="extra ef values to measure")
+    ap.add_argument(
+        "--enrol",
+        default="demo:2048,vit-b16:192",
+        help="encoder:images pairs for the enrolment rounds ('' skips enrolment)",
+    )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs alone")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     backends = [b for b in args.backends.split(",") if b]
+    sweep = [int(e) for e in args.ef_sweep.split(",") if e]
+    enrol = [(m, int(n)) for m, n in (pair.split(":") for pair in args.enrol.split(",") if pair)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         server = MilvusServer(work / "milvus-server").start() if "server" in backends else None
         try:
-            enrolments = [asyncio.run(_enrol(args.enrol_images, args.batch, work))]
-            if server is not None:
-                pid = server.process.pid if server.process else 0
-                enrolments.append(
-                    asyncio.run(_enrol(args.enrol_images, args.batch, work, server.uri, pid))
-                )
-            for r in enrolments:
-                print(r, flush=True)
-            rows = _search_rows(sizes, backends, args.queries, work, server)
+            enrolments = []
+            for model_name, n_images in enrol:
+                enrolments.append(asyncio.run(_enrol(model_name, n_images, args.batch, work)))
+                print(enrolments[-1], flush=True)
+                if server is not None:
+                    pid = server.process.pid if server.process else 0
+                    run = _enrol(model_name, n_images, args.batch, work, server.uri, pid)
+                    enrolments.append(asyncio.run(run))
+                    print(enrolments[-1], flush=True)
+            rows, sweeps = _search_rows(
+                sizes, backends, args.queries, work, server, args.data, args.cache, sweep
+            )
         finally:
             if server is not None:
                 server.stop()
+    data = (
+        "the demo model's embeddings of synthetic crops (4 per identity), queried with its "
+        "text embeddings of captions of gallery identities"
+        if args.data == "model"
+        else "random unit vectors"
+    )
     lines = [
         f"Machine: {_machine()}. HNSW M {HNSW['M']}, efConstruction {HNSW['efConstruction']}, "
         f"ef {SEARCH_EF} (unfiltered) / {FILTERED_SEARCH_EF} (filtered), IP, {DIM}-d.",
         "",
-        f"Enrolment: {args.enrol_images} demo crops (PNG) in batches of {args.batch} through "
-        "an in-process orchestrator (crop store included) vs the image encoder alone "
-        "(pre-decoded pixels straight to the CPU tritonserver, 2 requests in flight). CPU is "
-        "ms per image: `python` is this one process (client, orchestrator, and Milvus Lite "
-        "when that is the backend). Median of 3 alternating rounds.",
+        f"Enrolment: demo crops (PNG) in batches of {args.batch} through an in-process "
+        "orchestrator (crop store included) vs the image encoder alone (pre-decoded pixels "
+        "straight to the CPU tritonserver, 2 requests in flight). `demo`: the demo encoder "
+        "as `icl demo` serves it (1 instance x 1 thread); `vit-b16`: the paper's ViT-B/16 at "
+        "384x128 with 2 instances x 1 thread. CPU is ms per image: `python` is this one "
+        "process (client, orchestrator, and Milvus Lite when that is the backend). Median of "
+        "3 alternating rounds.",
         "",
-        "| gallery | encoder alone img/s | Enroll img/s | ratio (each round) "
+        "| encoder | gallery | images | encoder alone img/s | Enroll img/s | ratio (each round) "
         "| encoder-alone CPU: triton | Enroll CPU ms/img |",
-        "|---|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---|",
         *(_enrol_line(r) for r in enrolments),
         "",
-        f"Search ({args.queries} single queries, top 10, recall@10 against exact search; "
-        f"`cam` = one camera of {CAMERAS}, 10% of rows). Insert rate counts until every row "
-        "is in an HNSW index; RSS is the growth of the process holding the gallery.",
+        f"Search: {data}; {args.queries} single queries, top 10, recall@10 against exact "
+        f"search; `cam` = one camera of {CAMERAS}, 10% of rows. Insert rate counts until "
+        "every row is in an HNSW index; RSS is the growth of the process holding the gallery.",
         "",
         "| rows | backend | insert rows/s | RSS MB | p50 ms | p95 ms | recall@10 | cam p50 ms "
         "| cam p95 ms | cam recall@10 |",
@@ -366,6 +502,19 @@ def main() -> None:
             f"| {m['all_recall']:.3f} | {m['cam_p50']:.2f} | {m['cam_p95']:.2f} "
             f"| {m['cam_recall']:.3f} |"
         )
+    if sweeps:
+        lines += [
+            "",
+            "The beam width: the same ef for unfiltered and filtered searches.",
+            "",
+            "| rows | backend | ef | p50 ms | recall@10 | cam p50 ms | cam recall@10 |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for size, backend, ef, m in sweeps:
+            lines.append(
+                f"| {size:,} | {backend} | {ef} | {m['all_p50']:.2f} | {m['all_recall']:.3f} "
+                f"| {m['cam_p50']:.2f} | {m['cam_recall']:.3f} |"
+            )
     table = "\n".join(lines)
     print(table)
     if not args.no_write and DOC.exists():
