@@ -293,28 +293,27 @@ class MilvusGallery:
             )
         return hits
 
-    def _query(self, expression: str, fields: list[str]) -> list[dict[str, Any]]:
-        """Every row matching `expression`, page by page."""
-        rows: list[dict[str, Any]] = []
-        while True:
-            page = self._client.query(
-                self.collection,
-                filter=expression,
-                output_fields=fields,
-                limit=QUERY_PAGE,
-                offset=len(rows),
-                consistency_level=self._consistency(),
-            )
-            rows.extend(page)
-            if len(page) < QUERY_PAGE:
-                return rows
+    def _query(
+        self, expression: str, fields: list[str], limit: int = QUERY_PAGE
+    ) -> list[dict[str, Any]]:
+        """At most `limit` (<= QUERY_PAGE) rows matching `expression`.
+
+        No offset paging: a server refuses offset + limit past its query window (16384).
+        """
+        return self._client.query(
+            self.collection,
+            filter=expression,
+            output_fields=fields,
+            limit=min(limit, QUERY_PAGE),
+            consistency_level=self._consistency(),
+        )
 
     def _rows(self, image_ids: Sequence[str], fields: list[str]) -> dict[str, dict[str, Any]]:
         ids = list(dict.fromkeys(image_ids))
         found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(ids), QUERY_PAGE):
-            chunk = ids[start : start + QUERY_PAGE]
-            for row in self._query(ids_expression(chunk), ["image_id", *fields]):
+            chunk = ids[start : start + QUERY_PAGE]  # unique ids: one page holds every match
+            for row in self._query(ids_expression(chunk), ["image_id", *fields], len(chunk)):
                 found[str(row["image_id"])] = row
         return found
 
@@ -394,12 +393,19 @@ class MilvusGallery:
         # Count what exists first: Lite echoes the requested ids, whether or not they existed.
         self._strong_until = time.monotonic() + STRONG_AFTER_DELETE_S  # see earlier deletes
         self._flush_pending()  # the filtered query below walks the MemTable
-        existing = [str(row["image_id"]) for row in self._query(expression, ["image_id"])]
         self._known_cameras.clear()  # a camera may have lost its last row
-        for start in range(0, len(existing), QUERY_PAGE):
-            self._client.delete(self.collection, ids=existing[start : start + QUERY_PAGE])
-        self._strong_until = time.monotonic() + STRONG_AFTER_DELETE_S
-        return existing
+        removed: list[str] = []
+        gone: set[str] = set()
+        while True:  # page by deleting: the next query no longer sees this page's rows
+            self._strong_until = time.monotonic() + STRONG_AFTER_DELETE_S
+            page = [str(row["image_id"]) for row in self._query(expression, ["image_id"])]
+            if not page:
+                return removed
+            if gone.intersection(page):  # never loop forever on a backend that lags
+                raise GalleryError("rows deleted a moment ago are still returned by queries")
+            self._client.delete(self.collection, ids=page)
+            removed.extend(page)
+            gone.update(page)
 
     def unknown_cameras(self, camera_ids: Sequence[str]) -> list[str]:
         """The listed cameras no gallery row comes from.

@@ -17,7 +17,7 @@ import pytest
 from pymilvus import DataType, MilvusClient
 
 from icl.orchestrator import gallery as gallery_module
-from icl.orchestrator.gallery import GalleryError, MilvusGallery, filter_expression
+from icl.orchestrator.gallery import QUERY_PAGE, GalleryError, MilvusGallery, filter_expression
 from icl.orchestrator.milvus_server import MilvusServer
 from icl.ports import GalleryFilter, GalleryRecord
 from tests.helpers import gallery_records, start_milvus_server, unit_vectors
@@ -179,6 +179,21 @@ def test_delete_by_ids_camera_and_time(gallery):
     assert gallery.unknown_cameras(["cam-05", "cam-06"]) == ["cam-05"]
     with pytest.raises(ValueError):
         gallery.delete([], GalleryFilter())
+
+
+def test_delete_and_fetch_past_the_query_window(gallery):
+    """More rows than one query may return (a server's window is offset + limit <= 16384)."""
+    n = QUERY_PAGE + 1000
+    records = gallery_records(unit_vectors(n, DIM, seed=9), cameras=1)  # all on cam-00
+    for start in range(0, n, 5000):
+        gallery.upsert(records[start : start + 5000])
+    keep = GalleryRecord(**{**records[0].__dict__, "image_id": "keep", "camera_id": "cam-01"})
+    gallery.upsert([keep])
+    ids = [r.image_id for r in records]
+    assert [r.image_id for r in gallery.fetch(ids[::-1])] == ids[::-1]
+    removed = gallery.delete([], GalleryFilter(camera_ids=("cam-00",)))
+    assert sorted(removed) == ids
+    assert gallery.count() == 1 and gallery.fetch(ids) == []
 
 
 def test_known_cameras_are_not_queried_again(gallery, monkeypatch):
