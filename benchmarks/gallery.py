@@ -297,14 +297,18 @@ def _fill(gallery: MilvusGallery, vectors: np.ndarray, chunk: int = 5000) -> flo
     else:  # seal segments and wait for their HNSW index
         c = gallery._client
         c.flush(gallery.collection)
-        deadline = time.monotonic() + 1800
+        deadline, shown = time.monotonic() + 3600, time.monotonic()
         while time.monotonic() < deadline:
             info = c.describe_index(gallery.collection, "embedding")
-            if int(info.get("pending_index_rows", 0)) == 0 and int(
-                info.get("indexed_rows", 0)
-            ) >= len(vectors):
+            indexed = int(info.get("indexed_rows", 0))
+            if int(info.get("pending_index_rows", 0)) == 0 and indexed >= len(vectors):
                 break
+            if time.monotonic() - shown > 60:
+                print(f"server: {indexed}/{len(vectors)} rows indexed", flush=True)
+                shown = time.monotonic()
             time.sleep(1)
+        else:
+            raise RuntimeError("the server did not index every row within an hour")
         c.release_collection(gallery.collection)
         c.load_collection(gallery.collection)
     return len(vectors) / (time.perf_counter() - t)
@@ -409,12 +413,17 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}"
 
 
+def _rate(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
 def _enrol_line(r: dict) -> str:
     enc, e2e = r["encoder_cpu"], r["e2e_cpu"]
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in e2e.items())
     rounds = " / ".join(f"{100 * x:.0f}" for x in r["ratios"])
     return (
-        f"| {r['model']} | {r['backend']} | {r['images']} | {r['encoder']:.0f} | {r['e2e']:.0f} "
+        f"| {r['model']} | {r['backend']} | {r['images']} | {_rate(r['encoder'])} "
+        f"| {_rate(r['e2e'])} "
         f"| {100 * r['e2e'] / r['encoder']:.0f}% ({rounds}) | {enc['triton']:.2f} | {cpu} |"
     )
 
@@ -434,7 +443,7 @@ def main() -> None:
     ap.add_argument("--ef-sweep", default="32,64,128,256", help="extra ef values to measure")
     ap.add_argument(
         "--enrol",
-        default="demo:2048,vit-b16:192",
+        default="demo:2048,vit-b16:256",
         help="encoder:images pairs for the enrolment rounds ('' skips enrolment)",
     )
     ap.add_argument("--batch", type=int, default=64)

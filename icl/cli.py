@@ -233,6 +233,25 @@ def serve(
     thi_walk: Annotated[
         str, typer.Option(envvar="ICL_THI_WALK", help="lazy (fewest calls) | batched.")
     ] = "lazy",
+    search_ef: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            envvar="ICL_SEARCH_EF",
+            help="HNSW beam of unfiltered searches (default: the gallery's, 512).",
+            show_default=False,
+        ),
+    ] = None,
+    filtered_search_ef: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            envvar="ICL_FILTERED_SEARCH_EF",
+            help="HNSW beam of camera/time-filtered searches (default: the gallery's, 1024; "
+            "recall against ef: docs/gallery.md).",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus."""
@@ -254,6 +273,8 @@ def serve(
         mllm_timeout_s=mllm_timeout,
         thi_schedule=thi_schedule,
         thi_walk=thi_walk,
+        search_ef=search_ef,
+        filtered_search_ef=filtered_search_ef,
     )
 
     async def run() -> None:

@@ -40,10 +40,13 @@ HNSW = {"M": 16, "efConstruction": 200}
 # score (BGE and TSE halves each scaled by 1/sqrt(2)); COSINE would renormalise every
 # vector on every call for the same ranking.
 METRIC = "IP"
-# ef 512: on random 512-d unit vectors (the hardest case; docs/gallery.md) recall@10 at 10k
-# was 0.80 at ef 128, 0.95 at 256, 0.998 at 512, for +1.3 ms on Lite.
+# ef (docs/gallery.md, demo-model embeddings, text queries): unfiltered recall@10 is 1.000
+# from ef 256 at 10k to 1M rows; 512 keeps a margin for denser real galleries (server p50
+# 4 ms at 100k, 11 ms at 1M). A filter keeping 10% of rows needs a wider beam: 0.985 at 100k
+# and 0.992 at 1M with 1024 on the server (0.970 / 0.968 at 256).
 SEARCH_EF = 512
-FILTERED_SEARCH_EF = 1024  # a filter that keeps ~10% of rows needs a wide beam for recall
+FILTERED_SEARCH_EF = 1024
+MAX_EF = 32768  # Milvus' HNSW limit
 # Session: a client reads its own upserts (an acknowledged Enroll is searchable at once)
 # without Strong's wait for the next time tick (200 ms per call on a 2.3 server). Session
 # does not cover deletes on 2.3.5, so reads go Strong for a moment after one.
@@ -115,7 +118,19 @@ def ids_expression(image_ids: Sequence[str]) -> str:
 class MilvusGallery:
     """Gallery adapter over pymilvus' MilvusClient. Calls are blocking; callers serialise."""
 
-    def __init__(self, uri: str, dim: int, collection: str = "gallery", token: str = "") -> None:
+    def __init__(
+        self,
+        uri: str,
+        dim: int,
+        collection: str = "gallery",
+        token: str = "",
+        *,
+        search_ef: int = SEARCH_EF,
+        filtered_search_ef: int = FILTERED_SEARCH_EF,
+    ) -> None:
+        for name, ef in (("search_ef", search_ef), ("filtered_search_ef", filtered_search_ef)):
+            if not 1 <= ef <= MAX_EF:
+                raise GalleryError(f"{name} must be 1 to {MAX_EF}, not {ef}")
         self.uri = uri
         self.dim = dim
         self.collection = collection
@@ -125,8 +140,8 @@ class MilvusGallery:
         self._known_cameras: dict[str, float] = {}  # camera id -> monotonic expiry
         self._lite_rows = 0  # Lite: rows at open plus rows upserted since (an upper bound)
         self._advised = False
-        self.search_ef = SEARCH_EF  # HNSW beam widths (benchmarks/gallery.py sweeps them)
-        self.filtered_search_ef = FILTERED_SEARCH_EF
+        self.search_ef = search_ef  # HNSW beam widths (benchmarks/gallery.py sweeps them)
+        self.filtered_search_ef = filtered_search_ef
         if self.local:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -28,7 +28,13 @@ from icl.orchestrator import validation as v
 from icl.orchestrator.client import MAX_MESSAGE_BYTES, timestamp
 from icl.orchestrator.crops import CropStore
 from icl.orchestrator.encoders import EncoderUnavailable, TritonEncoders
-from icl.orchestrator.gallery import GalleryError, MilvusGallery, is_local_uri
+from icl.orchestrator.gallery import (
+    FILTERED_SEARCH_EF,
+    SEARCH_EF,
+    GalleryError,
+    MilvusGallery,
+    is_local_uri,
+)
 from icl.orchestrator.thi_search import ThiSearchResult, thi_search
 from icl.ports import GalleryHit, GalleryRecord
 from icl.reid.v1 import person_search_pb2 as pb
@@ -61,6 +67,10 @@ class OrchestratorConfig:
     # reproduces the paper's schedule (for comparison), "batched" trades calls for round trips.
     thi_schedule: str = "lean"
     thi_walk: str = "lazy"
+    # HNSW beam widths (None: the gallery's defaults): recall against latency, measured in
+    # docs/gallery.md.
+    search_ef: int | None = None
+    filtered_search_ef: int | None = None
 
     def __repr__(self) -> str:  # keep the token out of every log line and traceback
         return (
@@ -310,8 +320,11 @@ class PersonSearchService:
             removed = await self._in_gallery(self.gallery.delete, ids, where)
             if self.crops is not None:
                 # After the rows: a crash in between leaves crops no search can reach, never
-                # a row whose crop THI cannot load. A deleted image keeps no pixels here.
-                await asyncio.to_thread(self.crops.delete, removed)
+                # a row whose crop THI cannot load. A deleted image keeps no pixels here. By
+                # ids alone, every listed id is now absent, so a crop left by such a crash
+                # goes too.
+                doomed = list(ids) if ids and where.empty else removed
+                await asyncio.to_thread(self.crops.delete, doomed)
             return pb.DeleteResponse(deleted=len(removed))
 
         return await self._guard(context, delete())
@@ -396,7 +409,13 @@ class Orchestrator:
         self._encoders = TritonEncoders(cfg.triton_url, cfg.triton_timeout_s)
         await self._encoders.start(cfg.triton_ready_timeout_s)
         gallery = await asyncio.to_thread(
-            MilvusGallery, cfg.milvus_uri, self._encoders.dim, cfg.collection, cfg.milvus_token
+            MilvusGallery,
+            cfg.milvus_uri,
+            self._encoders.dim,
+            cfg.collection,
+            cfg.milvus_token,
+            search_ef=cfg.search_ef or SEARCH_EF,
+            filtered_search_ef=cfg.filtered_search_ef or FILTERED_SEARCH_EF,
         )
         crop_dir = cfg.crop_dir or (
             str(Path(cfg.milvus_uri).parent / "crops")

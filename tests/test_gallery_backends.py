@@ -196,6 +196,27 @@ def test_delete_and_fetch_past_the_query_window(gallery):
     assert gallery.count() == 1 and gallery.fetch(ids) == []
 
 
+def test_search_uses_the_configured_beam(tmp_path, monkeypatch):
+    with pytest.raises(GalleryError, match="search_ef must be 1 to 32768, not 0"):
+        MilvusGallery(str(tmp_path / "ef.db"), DIM, "ef", search_ef=0)
+    g = MilvusGallery(str(tmp_path / "ef.db"), DIM, "ef", search_ef=48, filtered_search_ef=96)
+    vectors = unit_vectors(30, DIM, seed=11)
+    g.upsert(gallery_records(vectors))
+    beams: list[int] = []
+    search = g._client.search
+
+    def spy(*args, **kwargs):
+        beams.append(kwargs["search_params"]["params"]["ef"])
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(g._client, "search", spy)
+    assert g.search(vectors[0], 5, GalleryFilter())[0].image_id == "r00000"
+    assert g.search(vectors[1], 5, GalleryFilter(("cam-01",)))[0].image_id == "r00001"
+    assert len(g.search(vectors[2], 60, GalleryFilter())) == 30  # ef never below top_k
+    assert beams == [48, 96, 60]
+    g.close()
+
+
 def test_known_cameras_are_not_queried_again(gallery, monkeypatch):
     gallery.upsert(gallery_records(unit_vectors(20, DIM, seed=7)))  # cam-00 .. cam-09
     queried: list[str] = []

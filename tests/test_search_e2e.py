@@ -102,10 +102,12 @@ def test_enroll_is_idempotent_and_delete_removes(orchestrator, enrolled):
         crops = CropStore(orchestrator.log.parent / "crops")
         victim = enrolled[-1].image_id
         assert len(crops.load([victim])) == 1
+        crops.put("never-enrolled", enrolled[0].png)  # as if a crash followed a delete
         gone = stub.Delete(pb.DeleteRequest(image_ids=[victim, "never-enrolled"]), timeout=30)
         assert gone.deleted == 1
-        with pytest.raises(CropMissing):
-            crops.load([victim])
+        for image_id in (victim, "never-enrolled"):
+            with pytest.raises(CropMissing):
+                crops.load([image_id])
         left = stub.Search(search_request("a person", top_k=1000), timeout=30)
         assert victim not in {h.image_id for h in left.hits}
         assert len(left.hits) == N_IMAGES - 1
