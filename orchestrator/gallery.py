@@ -63,6 +63,11 @@ NORM_TOLERANCE = 1e-3
 # the adapter flushes lazily: before the next read that walks the MemTable, and whenever this
 # many rows are pending (bounds a flush and the first search after a bulk load).
 LITE_FLUSH_ROWS = 2048
+# Milvus Lite serves pymilvus through a gRPC server in this process that allows no keepalive
+# ping on an idle connection; pymilvus pings every 10 s, so an idle orchestrator got a GOAWAY
+# (too_many_pings), logged by gRPC as an error, every minute or two. A loopback channel needs
+# no keepalive.
+LITE_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": 0}
 # Past about this many rows Milvus Lite's searches slow down (55 ms p50 at 100k against a
 # server's few ms; docs/gallery.md): the adapter says once that a server is the better home.
 LITE_ADVISED_MAX_ROWS = 100_000
@@ -145,7 +150,10 @@ class MilvusGallery:
         if self.local:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._client = MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
+            options: dict[str, Any] = {"grpc_options": LITE_GRPC_OPTIONS} if self.local else {}
+            if token:
+                options["token"] = token
+            self._client = MilvusClient(uri=uri, **options)
             self._ensure_collection()
         except MilvusException as exc:
             # repr() of a MilvusException is empty and the token must never reach a log.
