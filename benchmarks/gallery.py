@@ -180,16 +180,16 @@ async def _enrol(
     """Encoder alone vs Enroll end to end; `milvus_uri` "" = Milvus Lite in this process."""
     import grpc
 
+    from icl.cli.demo import demo_enroll_item
     from icl.images import decode_crop
-    from icl.orchestrator.client import channel_options, enroll
     from icl.orchestrator.encoders import TritonEncoders
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
     from icl.orchestrator.tritonserver import TritonServer
-    from icl.reid.v1 import person_search_pb2 as pb
-    from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
-    from icl.synthetic.demo_gallery import demo_gallery, to_gallery_image
+    from icl.synthetic.demo_gallery import demo_gallery
+    from icl_api import pb, pb_grpc
+    from icl_api.client import channel_options, enroll
 
-    items = [to_gallery_image(d) for d in demo_gallery(n_images, seed=3)]
+    items = [demo_enroll_item(d) for d in demo_gallery(n_images, seed=3)]
     repo = _repository(model_name, work)
     collection = f"enrol_{time.monotonic_ns()}"
     with TritonServer(repo, work / "triton.log") as triton:

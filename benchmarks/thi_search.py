@@ -21,15 +21,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from icl.cli.demo import demo_enroll_item
 from icl.demo import DEMO_WEIGHTS, demo_path
 from icl.export.mllm_repository import write_mllm_model
 from icl.export.repository import write_repository
 from icl.models.dual_encoder import load_checkpoint
-from icl.orchestrator.client import channel_options, enroll, search_request
 from icl.orchestrator.server import Orchestrator, OrchestratorConfig
 from icl.orchestrator.tritonserver import TritonServer
-from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
-from icl.synthetic.demo_gallery import demo_gallery, demo_queries, to_gallery_image
+from icl.synthetic.demo_gallery import demo_gallery, demo_queries
+from icl_api import pb_grpc
+from icl_api.client import channel_options, enroll, search_request
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = (
@@ -57,7 +58,7 @@ async def run_setting(
             orchestrator.address, options=channel_options()
         ) as channel:
             stub = pb_grpc.PersonSearchStub(channel)
-            async for _ in enroll(stub, (to_gallery_image(d) for d in demo_gallery(images))):
+            async for _ in enroll(stub, (demo_enroll_item(d) for d in demo_gallery(images))):
                 pass
             latencies, evaluations = [], []
             for i, text in enumerate([*queries[:5], *queries]):  # 5 warm-up searches

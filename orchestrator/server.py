@@ -25,7 +25,6 @@ from grpc_reflection.v1alpha import reflection
 from icl.images import ImageRejected, decode_crop
 from icl.mllm.contract import Mllm
 from icl.orchestrator import validation as v
-from icl.orchestrator.client import MAX_MESSAGE_BYTES, timestamp
 from icl.orchestrator.crops import CropStore
 from icl.orchestrator.encoders import EncoderUnavailable, TritonEncoders
 from icl.orchestrator.gallery import (
@@ -37,8 +36,9 @@ from icl.orchestrator.gallery import (
 )
 from icl.orchestrator.thi_search import ThiSearchResult, thi_search
 from icl.ports import GalleryHit, GalleryRecord
-from icl.reid.v1 import person_search_pb2 as pb
 from icl.thi.engine import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_XI, ThiParams
+from icl_api import pb
+from icl_api.client import MAX_MESSAGE_BYTES, timestamp
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 
 from icl.ports import GalleryFilter
-from icl.reid.v1 import person_search_pb2 as pb
+from icl_api import pb
 
 MAX_TEXT_BYTES = 4096  # far above any benchmark caption (UFine6926 averages ~80 words)
 MAX_TOP_K = 1000

@@ -14,13 +14,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from icl.cli.demo import demo_enroll_item
 from icl.orchestrator.tritonserver import TritonServer, free_port
-from icl.reid.v1 import person_search_pb2 as pb
-from icl.synthetic.demo_gallery import DemoImage, to_gallery_image
+from icl.synthetic.demo_gallery import DemoImage
+from icl_api import pb
 
 
 def gallery_images(demo: Iterable[DemoImage]) -> list[pb.GalleryImage]:
-    return [to_gallery_image(d, f"demo://{d.image_id}.png") for d in demo]
+    return [demo_enroll_item(d, f"demo://{d.image_id}.png") for d in demo]
 
 
 def enroll_all(stub, images: list[pb.GalleryImage], batch_size: int = 16) -> list[pb.EnrollResult]:

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from icl.orchestrator.tritonserver import free_port
-from icl.reid.v1 import person_search_pb2 as pb
-from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
 from icl.synthetic.demo_gallery import demo_gallery
+from icl_api import pb, pb_grpc
 from tests.helpers import enroll_all, gallery_images
 
 

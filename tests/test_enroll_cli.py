@@ -10,11 +10,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from icl.orchestrator.client import search_request
-from icl.orchestrator.enroll_cli import register
-from icl.reid.v1 import person_search_pb2 as pb
-from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
+from icl.cli.enroll import register
 from icl.synthetic.demo_gallery import demo_gallery
+from icl_api import pb, pb_grpc
+from icl_api.client import search_request
 from tests.helpers import gallery_images, start_orchestrator
 
 runner = CliRunner()

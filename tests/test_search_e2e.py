@@ -12,11 +12,10 @@ import pytest
 
 from icl.images import decode_crop
 from icl.onnx_encoders import OnnxEncoders
-from icl.orchestrator.client import search_request
 from icl.orchestrator.crops import CropMissing, CropStore
-from icl.reid.v1 import person_search_pb2 as pb
-from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
 from icl.synthetic.demo_gallery import demo_gallery, demo_queries
+from icl_api import pb, pb_grpc
+from icl_api.client import search_request
 from tests.helpers import enroll_all, gallery_images
 
 N_IMAGES = 60

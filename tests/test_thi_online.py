@@ -19,11 +19,10 @@ from icl.images import decode_crop
 from icl.mllm.demo import load_demo_backend
 from icl.mllm.inprocess import InProcessMllm
 from icl.onnx_encoders import OnnxEncoders
-from icl.orchestrator.client import search_request
-from icl.reid.v1 import person_search_pb2 as pb
-from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
 from icl.synthetic.demo_gallery import demo_gallery, demo_queries
 from icl.thi.engine import ThiParams, fuse, run_thi
+from icl_api import pb, pb_grpc
+from icl_api.client import search_request
 from tests.helpers import enroll_all, gallery_images, start_orchestrator
 
 N_IMAGES = 60

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from icl.images import encode_png
-from icl.reid.v1 import person_search_pb2 as pb
 from icl.synthetic.world import Person, caption, render, sample_person
 
 DAY_START_MS = 1_767_600_000_000  # 2026-01-05 08:00 UTC: a fixed, reproducible day
@@ -23,19 +22,6 @@ class DemoImage:
     track_id: str
     person: Person
     png: bytes
-
-
-def to_gallery_image(d: DemoImage, image_uri: str = "") -> pb.GalleryImage:
-    """The Enroll item for a demo crop."""
-    item = pb.GalleryImage(
-        image_id=d.image_id,
-        camera_id=d.camera_id,
-        track_id=d.track_id,
-        image_uri=image_uri,
-        image=d.png,
-    )
-    item.captured_at.FromMilliseconds(d.captured_at_ms)
-    return item
 
 
 def demo_gallery(n_images: int, seed: int = 0, images_per_person: int = 3) -> Iterator[DemoImage]:

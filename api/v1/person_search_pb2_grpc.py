@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from icl.reid.v1 import person_search_pb2 as icl_dot_reid_dot_v1_dot_person__search__pb2
+from icl_api.v1 import person_search_pb2 as icl_dot_reid_dot_v1_dot_person__search__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

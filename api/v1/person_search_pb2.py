@@ -29,7 +29,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ficl/reid/v1/pe
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'icl.reid.v1.person_search_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'icl_api.v1.person_search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TIMERANGE']._serialized_start=81

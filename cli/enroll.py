@@ -18,14 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from icl.cli.common import DEFAULT_ADDRESS, console, err, fail
+from icl_api import AsyncPersonSearchClient, gallery_image, pb
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-console = Console()
-err = Console(stderr=True)
 
 
 class EnrollInputError(ValueError):
@@ -126,9 +126,6 @@ class Summary:
 
 
 def _gallery_images(items: list[Item], summary: Summary) -> Iterator[Any]:
-    from icl.orchestrator.client import timestamp
-    from icl.reid.v1 import person_search_pb2 as pb
-
     for item in items:
         try:
             data = item.path.read_bytes()
@@ -136,25 +133,19 @@ def _gallery_images(items: list[Item], summary: Summary) -> Iterator[Any]:
             data = b""  # the service rejects it as empty; keep the item's place in the report
             summary.reasons = summary.reasons or {}
             summary.reasons[item.image_id] = f"cannot read {item.path}: {exc.strerror}"
-        yield pb.GalleryImage(
-            image_id=item.image_id,
-            camera_id=item.camera_id,
-            captured_at=timestamp(item.captured_at_ms),
+        yield gallery_image(
+            item.image_id,
+            item.camera_id,
+            item.captured_at_ms,
+            data,
             track_id=item.track_id,
             image_uri=item.image_uri,
-            image=data,
         )
 
 
 async def enroll_items(
     address: str, items: list[Item], batch_size: int, timeout_s: float | None, quiet: bool
 ) -> Summary:
-    import grpc
-
-    from icl.orchestrator.client import channel_options, enroll
-    from icl.reid.v1 import person_search_pb2 as pb
-    from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
-
     summary = Summary(reasons={})
     progress = Progress(
         TextColumn("enrolling"),
@@ -168,10 +159,9 @@ async def enroll_items(
     with progress:
         task = progress.add_task("enroll", total=len(items), rate="")
         start = asyncio.get_running_loop().time()
-        async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
-            stub = pb_grpc.PersonSearchStub(channel)
-            async for response in enroll(
-                stub, _gallery_images(items, summary), batch_size, timeout_s
+        async with AsyncPersonSearchClient(address) as client:
+            async for response in client.enroll(
+                _gallery_images(items, summary), batch_size, timeout_s
             ):
                 for r in response.results:
                     if r.status == pb.EnrollResult.ACCEPTED:
@@ -203,18 +193,16 @@ def enroll_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Enrol crops into a running PersonSearch service (idempotent: re-run to resume)."""
-    import grpc
-
     try:
         items = load_items(source, camera)
     except (EnrollInputError, OSError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if not items:
-        raise _fail(f"{source} holds no crops ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise fail(f"{source} holds no crops ({', '.join(sorted(IMAGE_SUFFIXES))})")
     try:
         summary = asyncio.run(enroll_items(address, items, batch_size, timeout, quiet))
     except grpc.RpcError as exc:
-        raise _fail(
+        raise fail(
             f"{exc.code().name}: {exc.details()} ({address}); what was acknowledged is stored: "
             "run the same command again to finish"
         ) from None
@@ -223,11 +211,6 @@ def enroll_command(
     console.print(f"enrolled {summary.accepted}, rejected {summary.rejected} of {len(items)}")
     if summary.rejected:
         raise typer.Exit(1)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

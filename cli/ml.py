@@ -1,4 +1,4 @@
-"""The ML subcommands of `icl`: synth, train, eval, convert (registered by icl.cli)."""
+"""The ML commands of `icl`: synth, train, eval, convert, train-mllm."""
 
 from __future__ import annotations
 
@@ -11,16 +11,9 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+from icl.cli.common import console, fail
 
 
 def synth(
@@ -36,7 +29,7 @@ def synth(
     try:
         summary = write_synthetic_dataset(out, ids, seed, difficulty, progress=True)
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     per_split = ", ".join(
         f"{name} {summary.ids[name]} ids / {summary.images[name]} images" for name in summary.ids
     )
@@ -53,7 +46,7 @@ def _read(data: Path, fmt: str | None) -> Any:
     try:
         return read_dataset(data, fmt)
     except DatasetError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def train(
@@ -72,13 +65,13 @@ def train(
     try:
         run = load_run_config(config)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     dataset = _read(data, fmt)
     if "val" not in dataset.splits():
         try:
             dataset = carve_val_split(dataset, run.train.val_fraction, run.train.seed)
         except DatasetError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
         console.print(f"no val split: carved {run.train.val_fraction:.0%} of train identities")
     console.print(dataset.summary(), highlight=False)
     try:
@@ -92,7 +85,7 @@ def train(
             data_note=f"{dataset.format} {data}",
         )
     except (FileExistsError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     val = result.best_val
     console.print(
         f"best epoch {result.best_epoch}: val R1 {val['r1']:.2f} mAP {val['map']:.2f}; "
@@ -138,18 +131,18 @@ def eval_(
 
     torch.set_num_threads(threads)
     if not checkpoint.is_file():
-        raise _fail(f"checkpoint {checkpoint} does not exist")
+        raise fail(f"checkpoint {checkpoint} does not exist")
     try:
         model = load_checkpoint(checkpoint)
     except CheckpointError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     dataset = _read(data, fmt)
     try:
         records = dataset.split(split)
         started = time.perf_counter()
         data_set = retrieval_set(records, model.config.image_size)
     except (DatasetError, ImageRejected) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     metrics = evaluate(model, data_set, tokenizer_for(model.config))
     seconds = time.perf_counter() - started
     table = Table(
@@ -211,17 +204,17 @@ def convert(
     from icl.training.config import ConfigError, load_run_config
 
     if not source.is_file():
-        raise _fail(f"{source} does not exist")
+        raise fail(f"{source} does not exist")
     cfg = vit_b16_config(context_length) if context_length else None
     if config is not None:
         try:
             cfg = load_run_config(config).model
         except ConfigError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
     try:
         report = convert_to_file(source, out, cfg, half=half, trust_pickle=trust_pickle)
     except ConversionError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     console.print(report.summary(), highlight=False)
     console.print(f"checkpoint written to {out}")
 
@@ -238,7 +231,7 @@ def _thi(
     from icl.thi.report import evaluate_thi
 
     if split == "val":
-        raise _fail("--thi tunes on val: evaluate another split (e.g. --split test)")
+        raise fail("--thi tunes on val: evaluate another split (e.g. --split test)")
     backend = load_demo_mllm(mllm) if mllm else load_demo_backend()
     with console.status("THI: scoring candidates, tuning on val, replaying on " + split):
         result = evaluate_thi(
@@ -311,13 +304,13 @@ def train_mllm(
     from icl.mllm.demo_training import train_demo_mllm
 
     if not (data / "attributes.json").is_file():
-        raise _fail(f"{data} has no attributes.json: train-mllm needs a dataset from `icl synth`")
+        raise fail(f"{data} has no attributes.json: train-mllm needs a dataset from `icl synth`")
     try:
         model, report = train_demo_mllm(
             data, image_epochs, parser_captions, parser_epochs, lambda s: console.print(s)
         )
     except DatasetError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     save_demo_mllm(model, out, extra=report)
     console.print(
         f"val pair accuracy {100 * report['val_pair_accuracy']:.1f}%, mean test attribute "

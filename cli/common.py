@@ -1,0 +1,57 @@
+"""What every `icl` command group shares: consoles, the one-line error, logging, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from icl_api.client import DEFAULT_ADDRESS
+
+console = Console()
+err = Console(stderr=True)
+
+WORKDIR = Path(".icl")
+__all__ = ["DEFAULT_ADDRESS", "WORKDIR", "console", "err", "fail"]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `error: message` on stderr; raise the result to exit with `code`."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def parse_time(value: str | None, name: str) -> datetime | None:
+    """An ISO-8601 option value (UTC when it names no zone)."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(f"--{name} {value!r} is not an ISO-8601 time such as 2026-01-05T09:30") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def self_command() -> str:
+    """How the user invoked `icl` (e.g. .venv/bin/icl), so a printed command runs as is."""
+    invoked = Path(sys.argv[0])
+    return str(invoked) if invoked.name == "icl" else "icl"

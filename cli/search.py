@@ -1,0 +1,80 @@
+"""`icl search`: one Search call, printed as a table (and the THI trace)."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Annotated, Any
+
+import grpc
+import typer
+from rich.table import Table
+
+from icl.cli.common import DEFAULT_ADDRESS, console, fail, parse_time
+from icl_api import PersonSearchClient, search_request
+
+
+def print_hits(text: str, response: Any) -> None:
+    table = Table(title=f"Search: {text}", title_justify="left")
+    for column in ("rank", "image id", "camera", "captured (UTC)", "score"):
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+    for rank, hit in enumerate(response.hits, 1):
+        when = hit.captured_at.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(str(rank), hit.image_id, hit.camera_id, when, f"{hit.score:.4f}")
+    console.print(table)
+
+
+def print_trace(trace: Any) -> None:
+    """One line per THI step: which candidates were asked, the anchor, the refined query."""
+    asked = ", ".join(
+        f"#{c.base_rank} {c.image_id} P(Yes)={c.p_yes:.2f}" for c in trace.candidates if c.asked
+    )
+    console.print(f"THI asked: {asked or 'nobody'} ({trace.mllm_calls} MLLM calls)")
+    if trace.fallback_reason:
+        console.print(f"THI fell back to the base ranking: {trace.fallback_reason}")
+    elif trace.anchor_image_id:
+        console.print(f"THI anchor: {trace.anchor_image_id}; refined query: {trace.refined_query}")
+    else:
+        console.print("THI kept the base ranking (no anchor)")
+
+
+def search(
+    text: Annotated[str, typer.Option("--text", "-t", help="Description of the person.")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k")] = 10,
+    camera: Annotated[list[str] | None, typer.Option(help="Only this camera (repeatable).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Captured at or after (ISO-8601, UTC if no zone).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Captured at or before (ISO-8601).")] = None,
+    address: Annotated[
+        str, typer.Option(envvar="ICL_ADDRESS", help="PersonSearch address.")
+    ] = DEFAULT_ADDRESS,
+    timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 30.0,
+    thi: Annotated[bool, typer.Option("--thi", help="Re-rank with THI (needs an mllm).")] = False,
+    xi: Annotated[float | None, typer.Option(help="THI's xi (default 0.5).")] = None,
+    lam: Annotated[float | None, typer.Option("--lambda", help="THI's lambda (0.8).")] = None,
+    candidates: Annotated[int | None, typer.Option(help="THI's K (default 5).")] = None,
+) -> None:
+    """Search the gallery of a running PersonSearch service and print the ranked hits."""
+    request = search_request(
+        text, top_k, camera or (), parse_time(since, "since"), parse_time(until, "until")
+    )
+    if thi:
+        request.thi.enabled = True
+        if xi is not None:
+            request.thi.xi = xi
+        if lam is not None:
+            setattr(request.thi, "lambda", lam)
+        if candidates is not None:
+            request.thi.candidates = candidates
+    try:
+        with PersonSearchClient(address, timeout_s=timeout) as client:
+            response = client.search(request)
+    except grpc.RpcError as exc:
+        raise fail(f"{exc.code().name}: {exc.details()} ({address})") from None
+    print_hits(text, response)
+    if thi:
+        print_trace(response.thi_trace)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(search)

@@ -1,0 +1,165 @@
+"""`icl triton` and `icl serve`: the bundled tritonserver and the PersonSearch service."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from icl.cli.common import WORKDIR, console, fail, install_stop_signals, setup_logging
+
+
+def triton(
+    model_repository: Annotated[Path, typer.Option(help="Model repository to serve.")] = WORKDIR
+    / "model_repository",
+    grpc_port: Annotated[int, typer.Option(help="0: a free port.")] = 8001,
+    http_port: Annotated[int, typer.Option(help="0: a free port.")] = 8000,
+    log_file: Annotated[Path, typer.Option(help="Where the server log goes.")] = WORKDIR
+    / "tritonserver.log",
+) -> None:
+    """Run the bundled tritonserver (CPU, python backend) on loopback until stopped."""
+    from icl.orchestrator.tritonserver import TritonLaunchError, TritonServer
+
+    server = TritonServer(model_repository, log_file, grpc_port=grpc_port, http_port=http_port)
+    try:
+        server.start()
+    except TritonLaunchError as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, log {log_file}"
+    )
+
+    async def wait() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await stop.wait()
+
+    try:
+        asyncio.run(wait())
+    finally:
+        server.stop()
+
+
+def serve(
+    triton_url: Annotated[
+        str, typer.Option(envvar="ICL_TRITON_URL", help="Triton gRPC address.")
+    ] = "127.0.0.1:8001",
+    milvus_uri: Annotated[
+        str,
+        typer.Option(
+            envvar="ICL_MILVUS_URI",
+            help="Milvus Lite data dir, or http(s)://host:port of a server.",
+        ),
+    ] = str(WORKDIR / "gallery.db"),
+    milvus_token: Annotated[
+        str,
+        typer.Option(
+            envvar="ICL_MILVUS_TOKEN",
+            help="user:password or API key (never logged).",
+            show_default=False,
+        ),
+    ] = "",
+    collection: Annotated[str, typer.Option(envvar="ICL_COLLECTION")] = "gallery",
+    host: Annotated[str, typer.Option(envvar="ICL_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="ICL_PORT", help="0: a free port.")] = 50051,
+    triton_wait: Annotated[
+        float, typer.Option(help="Seconds to wait for Triton's models at start.")
+    ] = 60.0,
+    mllm_model: Annotated[
+        str,
+        typer.Option(envvar="ICL_MLLM_MODEL", help="Triton model for THI ('' = THI off)."),
+    ] = "",
+    crop_dir: Annotated[
+        str,
+        typer.Option(
+            envvar="ICL_CROP_DIR",
+            help="Where enrolled crops are kept for THI (default: beside the Lite data dir).",
+        ),
+    ] = "",
+    mllm_timeout: Annotated[
+        float,
+        typer.Option(
+            envvar="ICL_MLLM_TIMEOUT", help="Seconds a search waits for the MLLM before degrading."
+        ),
+    ] = 20.0,
+    thi_schedule: Annotated[
+        str, typer.Option(envvar="ICL_THI_SCHEDULE", help="lean | reference (the paper's).")
+    ] = "lean",
+    thi_walk: Annotated[
+        str, typer.Option(envvar="ICL_THI_WALK", help="lazy (fewest calls) | batched.")
+    ] = "lazy",
+    search_ef: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            envvar="ICL_SEARCH_EF",
+            help="HNSW beam of unfiltered searches (default: the gallery's, 512).",
+            show_default=False,
+        ),
+    ] = None,
+    filtered_search_ef: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            envvar="ICL_FILTERED_SEARCH_EF",
+            help="HNSW beam of camera/time-filtered searches (default: the gallery's, 1024; "
+            "recall against ef: docs/gallery.md).",
+            show_default=False,
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the PersonSearch gRPC service against a running Triton and Milvus."""
+    from icl.orchestrator.server import Orchestrator, OrchestratorConfig
+
+    setup_logging(verbose)
+    if thi_schedule not in ("lean", "reference") or thi_walk not in ("lazy", "batched"):
+        raise fail("--thi-schedule is lean|reference and --thi-walk is lazy|batched")
+    config = OrchestratorConfig(
+        triton_url,
+        milvus_uri,
+        milvus_token,
+        collection,
+        host,
+        port,
+        triton_ready_timeout_s=triton_wait,
+        mllm_model=mllm_model,
+        crop_dir=crop_dir,
+        mllm_timeout_s=mllm_timeout,
+        thi_schedule=thi_schedule,
+        thi_walk=thi_walk,
+        search_ef=search_ef,
+        filtered_search_ef=filtered_search_ef,
+    )
+
+    async def run() -> None:
+        orchestrator = Orchestrator(config)
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await start_or_fail(orchestrator)
+        console.print(f"PersonSearch serving on {orchestrator.address}", highlight=False)
+        try:
+            await stop.wait()
+        finally:
+            await orchestrator.stop()
+
+    asyncio.run(run())
+
+
+async def start_or_fail(orchestrator: Any) -> None:
+    from icl.mllm.triton_client import MllmError
+    from icl.orchestrator.encoders import EncoderUnavailable
+    from icl.orchestrator.gallery import GalleryError
+
+    try:
+        await orchestrator.start()
+    except (EncoderUnavailable, GalleryError, MllmError, OSError) as exc:
+        await orchestrator.stop()
+        raise fail(str(exc)) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(triton)
+    app.command()(serve)
