@@ -93,17 +93,17 @@ async def _demo(config: Any, n_images: int, check: bool) -> bool:
                 for person, text in enumerate(queries):
                     request = search_request(text, top_k=5)
                     request.thi.enabled = True
-                    response = await client.search(request, timeout_s=60)
-                    print_hits(text, response)
-                    print_trace(response.thi_trace)
+                    found_hits = await client.search(request, timeout_s=60)
+                    print_hits(text, found_hits)
+                    print_trace(found_hits.thi_trace)
                     # Demo image ids start with the identity they show (p00000-0, ...).
                     ranks = [
                         rank
-                        for rank, hit in enumerate(response.hits, 1)
+                        for rank, hit in enumerate(found_hits.hits, 1)
                         if hit.image_id.startswith(f"p{person:05d}-")
                     ]
                     console.print(f"described person at ranks {ranks or 'none'} of the top 5")
-                    found = found and len(response.hits) > 0
+                    found = found and len(found_hits.hits) > 0
                 return found
         console.print(
             f"\nPersonSearch is serving on [bold]{orchestrator.address}[/] "

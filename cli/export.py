@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -73,24 +74,23 @@ def export(
     try:
         if flavour == "gpu" and plans == "require":
             require_trtexec()  # before minutes of export, not after
-        delay = {} if max_queue_delay_us is None else {"max_queue_delay_us": max_queue_delay_us}
         if flavour == "cpu":
-            settings: Any = CpuServingSettings(
-                max_batch_size=max_batch_size,
-                instances=instances,
-                intra_op_threads=threads,
-                **delay,
+            cpu = CpuServingSettings(
+                max_batch_size=max_batch_size, instances=instances, intra_op_threads=threads
             )
-            reports = write_repository(load_model(checkpoint), out, settings)
+            if max_queue_delay_us is not None:
+                cpu = dataclasses.replace(cpu, max_queue_delay_us=max_queue_delay_us)
+            reports = write_repository(load_model(checkpoint), out, cpu)
         else:
-            settings = GpuServingSettings(
+            gpu = GpuServingSettings(
                 max_batch_size=max_batch_size,
                 opt_batch_size=min(16, max_batch_size),
                 instances=instances,
-                precision=precision,  # validated by GpuServingSettings
-                **delay,
+                precision=precision,  # type: ignore[arg-type]  # validated by GpuServingSettings
             )
-            reports = write_gpu_repository(load_model(checkpoint), out, settings)
+            if max_queue_delay_us is not None:
+                gpu = dataclasses.replace(gpu, max_queue_delay_us=max_queue_delay_us)
+            reports = write_gpu_repository(load_model(checkpoint), out, gpu)
     except (ParityError, GraphContractError, TensorRTUnavailable, ValueError) as exc:
         raise fail(str(exc)) from None
     for r in reports:

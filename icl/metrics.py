@@ -47,7 +47,7 @@ def retrieval_metrics(
         )
     if not np.all(np.isfinite(similarity)):
         raise ValueError("similarity holds NaN or infinite values")
-    hits_at = {1: [], 5: [], 10: []}
+    hits_at: dict[int, list[np.ndarray]] = {1: [], 5: [], 10: []}
     ap: list[np.ndarray] = []
     inp: list[np.ndarray] = []
     for start in range(0, len(query_ids), chunk):
