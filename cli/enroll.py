@@ -176,6 +176,16 @@ async def enroll_items(
     return summary
 
 
+def service_reachable(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether a fresh connection to `address` comes up within `timeout_s`."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            return False
+    return True
+
+
 def enroll_command(
     source: Annotated[
         Path, typer.Argument(help="A directory of crops, or a JSON / JSON Lines manifest.")
@@ -202,10 +212,15 @@ def enroll_command(
     try:
         summary = asyncio.run(enroll_items(address, items, batch_size, timeout, quiet))
     except grpc.RpcError as exc:
-        raise fail(
-            f"{exc.code().name}: {exc.details()} ({address}); what was acknowledged is stored: "
-            "run the same command again to finish"
-        ) from None
+        resume = "what was acknowledged is stored: run the same command again to finish"
+        if not service_reachable(address):
+            # A stream cut by a dying server surfaces as INTERNAL ("Internal error from
+            # Core") or CANCELLED; what the user needs to know is that the service went away.
+            raise fail(
+                f"UNAVAILABLE: the PersonSearch service at {address} went away during the "
+                f"load ({exc.code().name}: {exc.details()}); {resume}"
+            ) from None
+        raise fail(f"{exc.code().name}: {exc.details()} ({address}); {resume}") from None
     for image_id, reason in list((summary.reasons or {}).items())[:20]:
         err.print(f"rejected {image_id}: {reason}", highlight=False, soft_wrap=True)
     console.print(f"enrolled {summary.accepted}, rejected {summary.rejected} of {len(items)}")

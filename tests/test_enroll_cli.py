@@ -156,3 +156,54 @@ def test_interrupted_enrolment_rerun_loses_and_duplicates_nothing(app, triton, t
         assert set(ids) == {i.image_id for i in images}
     finally:
         second.stop()
+
+
+def test_enroll_reports_a_service_that_went_away_and_resumes(tmp_path, triton):
+    """SIGKILL the service in the middle of `icl enroll`: the CLI says UNAVAILABLE and how to
+    resume (not gRPC's "INTERNAL: Internal error from Core"), and running the same command
+    against the restarted service stores every crop, none twice."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "crops" / "cam-01"
+    root.mkdir(parents=True)
+    demo = list(demo_gallery(600, seed=23))
+    for d in demo:
+        (root / f"{d.image_id}.png").write_bytes(d.png)
+    gallery = tmp_path / "gallery.db"
+    service = start_orchestrator(triton.grpc_url, gallery, tmp_path / "serve.log")
+    cmd = [sys.executable, "-m", "icl.cli", "enroll", str(root.parent), "--batch-size", "4"]
+    try:
+        load = subprocess.Popen(
+            [*cmd, "--address", service.address, "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while len(_ids(service)) < 40 and time.monotonic() < deadline:  # mid-load
+            time.sleep(0.2)
+        service.process.send_signal(signal.SIGKILL)
+        service.process.wait()
+        _, stderr = load.communicate(timeout=60)
+    finally:
+        service.stop()
+    message = " ".join(stderr.split())
+    assert load.returncode == 2, message
+    assert "UNAVAILABLE" in message and "went away" in message, message
+    assert "INTERNAL" not in message.split("(")[0], message
+    assert "run the same command again" in message, message
+
+    service = start_orchestrator(triton.grpc_url, gallery, tmp_path / "serve.log")
+    try:
+        again = subprocess.run(
+            [*cmd, "--address", service.address, "-q"], capture_output=True, text=True, timeout=300
+        )
+        assert again.returncode == 0, again.stderr
+        assert f"enrolled {len(demo)}, rejected 0 of {len(demo)}" in again.stdout
+        ids = _ids(service)
+        assert sorted(ids) == sorted(f"cam-01/{d.image_id}" for d in demo)
+    finally:
+        service.stop()
