@@ -180,3 +180,64 @@ def test_deadline_is_enforced(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.Search(search_request("a woman", top_k=3), timeout=0.0001)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# Timestamps protobuf's converters refuse: the wire carries any int64 seconds / int32 nanos.
+BAD_TIMESTAMPS = {"nanos--1": (0, -1), "nanos-1e9": (0, 1_000_000_000), "seconds-2^40": (2**40, 0)}
+
+
+@pytest.mark.parametrize(
+    ("rpc", "raw"),
+    [
+        # SearchRequest(text="a", top_k=5, time_range.start.nanos=-1)
+        ("Search", "0a01611005220d0a0b10ffffffffffffffffff01"),
+        # DeleteRequest(time_range.start.seconds=2**40)
+        ("Delete", "1a090a0708808080808020"),
+    ],
+)
+def test_invalid_timestamp_through_the_raw_channel(orchestrator, rpc, raw):
+    with orchestrator.channel() as channel:
+        call = channel.unary_unary(f"/icl.reid.v1.PersonSearch/{rpc}")
+        got, details = _code(call, bytes.fromhex(raw))
+    assert got == INVALID, details
+    assert "not a valid Timestamp" in details
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), BAD_TIMESTAMPS.values(), ids=BAD_TIMESTAMPS.keys())
+@pytest.mark.parametrize("end", [False, True], ids=["start", "end"])
+def test_search_and_delete_reject_invalid_timestamps(stub, seconds, nanos, end):
+    search = pb.SearchRequest(text="a man", top_k=5)
+    delete = pb.DeleteRequest()
+    for req in (search, delete):
+        ts = req.time_range.end if end else req.time_range.start
+        ts.seconds, ts.nanos = seconds, nanos
+    field = "time_range.end" if end else "time_range.start"
+    for call, req in ((stub.Search, search), (stub.Delete, delete)):
+        got, details = _code(call, req)
+        assert got == INVALID, details
+        assert f"{field} is not a valid Timestamp" in details
+
+
+def test_enroll_rejects_invalid_timestamps_per_item(stub):
+    ok = gallery_images(demo_gallery(1, seed=23))[0]
+    ok.image_id, ok.camera_id = "ts-ok", "cam-ts-ok"
+    items = [ok]
+    for name, (seconds, nanos) in BAD_TIMESTAMPS.items():
+        item = pb.GalleryImage()
+        item.CopyFrom(ok)
+        item.image_id = f"ts-{name.replace('^', '')}"
+        item.captured_at.seconds, item.captured_at.nanos = seconds, nanos
+        items.append(item)
+    # One batch holds `ok` and the bad items; a second batch follows: the stream carries on.
+    later = gallery_images(demo_gallery(1, seed=29))[0]
+    later.image_id, later.camera_id = "ts-later", "cam-ts-ok"
+    replies = enroll_all(stub, [*items, later], batch_size=len(items))
+    status = {r.image_id: (r.status, r.reason) for r in replies}
+    assert status["ts-ok"] == (pb.EnrollResult.ACCEPTED, "")
+    assert status["ts-later"] == (pb.EnrollResult.ACCEPTED, "")
+    for item in items[1:]:
+        code, reason = status[item.image_id]
+        assert code == pb.EnrollResult.REJECTED
+        assert "captured_at is not a valid Timestamp" in reason
+    reply = stub.Search(search_request("a person", top_k=5, camera_ids=["cam-ts-ok"]), timeout=30)
+    assert {h.image_id for h in reply.hits} == {"ts-ok", "ts-later"}
