@@ -13,7 +13,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
-MAX_IMAGE_PIXELS = 4096 * 4096  # a pedestrian crop is far smaller; this stops image bombs
+# At most 2048x2048 pixels (4.2 MP) per crop, read from the header before any pixel is
+# decoded. A full-height person in a 4K frame is about 1000x2160 (2.2 MP) and the encoders
+# see 384x128; bigger images are no crops, and decoding a few bytes into a 30000x30000 canvas
+# (an image bomb) or 16 MP per item would spend seconds of CPU per batch.
+MAX_IMAGE_PIXELS = 2048 * 2048
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
 
 
@@ -22,7 +26,11 @@ class ImageRejected(ValueError):
 
 
 def decode_crop(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """Bytes of a JPEG/PNG/WebP/BMP crop -> uint8 RGB array [H, W, 3] at `size` (H, W)."""
+    """Bytes of a JPEG/PNG/WebP/BMP crop -> uint8 RGB array [H, W, 3] at `size` (H, W).
+
+    Every way the bytes can fail is an ImageRejected, never another exception: enrolment
+    rejects that one item and keeps the rest of its batch.
+    """
     if not data:
         raise ImageRejected("empty image")
     if len(data) > MAX_IMAGE_BYTES:
@@ -30,19 +38,36 @@ def decode_crop(data: bytes, size: tuple[int, int]) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.format not in ALLOWED_FORMATS:
-                raise ImageRejected(f"unsupported image format {img.format}")
-            width, height = img.size
-            if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
-                raise ImageRejected(f"image size {width}x{height} is out of range")
-            img.load()
+            return _decode(data, size)
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow refused the header's size on its own (far above ours) before we could look.
+        raise ImageRejected(
+            f"image size is over {Image.MAX_IMAGE_PIXELS} pixels; "
+            f"a crop may have at most {MAX_IMAGE_PIXELS}"
+        ) from None
+    except UnidentifiedImageError as exc:
         raise ImageRejected(f"not a decodable image: {exc}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageRejected(f"corrupt image: {exc}") from None
+    except Exception as exc:
+        # Pillow's decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error,
+        # ... on hostile bytes: each means a corrupt crop.
+        raise ImageRejected(f"corrupt image: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))  # reads the header only
+    if img.format not in ALLOWED_FORMATS:
+        raise ImageRejected(f"unsupported image format {img.format}")
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageRejected(f"image size {width}x{height} is out of range")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageRejected(
+            f"image size {width}x{height} is {width * height} pixels; "
+            f"a crop may have at most {MAX_IMAGE_PIXELS}"
+        )
+    img.load()
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Flatten transparency onto grey rather than black so crops keep their contrast.
         rgba = img.convert("RGBA")

@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from icl.images import ImageRejected, decode_crop
 from icl.mllm.contract import Mllm
@@ -34,6 +33,7 @@ from icl.orchestrator.gallery import (
     MilvusGallery,
     is_local_uri,
 )
+from icl.orchestrator.reflection import enable_reflection
 from icl.orchestrator.thi_search import ThiSearchResult, thi_search
 from icl.ports import GalleryHit, GalleryRecord
 from icl.thi.engine import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_XI, ThiParams
@@ -444,9 +444,7 @@ class Orchestrator:
         server.add_generic_rpc_handlers((_generic_handler(self._service),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from icl.ports import GalleryFilter
 from icl_api import pb
@@ -20,6 +21,11 @@ CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
 TRACK_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.:-]{0,63})?")
 MAX_URI_CHARS = 1024
+# google.protobuf.Timestamp's valid range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z, nanos
+# 0..999,999,999): the wire carries any int64/int32, and protobuf's converters raise on the rest.
+TIMESTAMP_SECONDS_MIN = -62_135_596_800
+TIMESTAMP_SECONDS_MAX = 253_402_300_799
+TIMESTAMP_NANOS_MAX = 999_999_999
 
 
 class InvalidRequest(Exception):
@@ -46,11 +52,34 @@ def check_camera_ids(camera_ids: list[str] | tuple[str, ...]) -> tuple[str, ...]
     return tuple(dict.fromkeys(camera_ids))
 
 
+def timestamp_problem(ts: Timestamp) -> str | None:
+    """Why `ts` is not a valid google.protobuf.Timestamp, or None."""
+    if not TIMESTAMP_SECONDS_MIN <= ts.seconds <= TIMESTAMP_SECONDS_MAX:
+        return (
+            f"seconds {ts.seconds} is outside {TIMESTAMP_SECONDS_MIN}..{TIMESTAMP_SECONDS_MAX} "
+            "(years 1..9999)"
+        )
+    if not 0 <= ts.nanos <= TIMESTAMP_NANOS_MAX:
+        return f"nanos {ts.nanos} is outside 0..{TIMESTAMP_NANOS_MAX}"
+    return None
+
+
+def _timestamp_ms(ts: Timestamp, field: str) -> int:
+    problem = timestamp_problem(ts)
+    if problem is not None:
+        raise _bad(f"{field} is not a valid Timestamp: {problem}")
+    return ts.ToMilliseconds()
+
+
 def check_time_range(has_range: bool, time_range: pb.TimeRange) -> tuple[int | None, int | None]:
     if not has_range:
         return None, None
-    start = time_range.start.ToMilliseconds() if time_range.HasField("start") else None
-    end = time_range.end.ToMilliseconds() if time_range.HasField("end") else None
+    start = (
+        _timestamp_ms(time_range.start, "time_range.start")
+        if time_range.HasField("start")
+        else None
+    )
+    end = _timestamp_ms(time_range.end, "time_range.end") if time_range.HasField("end") else None
     if start is not None and end is not None and start > end:
         raise _bad("time_range.start is after time_range.end")
     return start, end
@@ -89,10 +118,14 @@ def check_gallery_image(item: pb.GalleryImage) -> str | None:
         return f"image_uri is longer than {MAX_URI_CHARS} characters"
     if not item.HasField("captured_at"):
         return "captured_at is required"
+    problem = timestamp_problem(item.captured_at)
+    if problem is not None:
+        return f"captured_at is not a valid Timestamp: {problem}"
     return None
 
 
 def captured_at_ms(item: pb.GalleryImage) -> int:
+    """An item that passed check_gallery_image: its captured_at is valid."""
     return item.captured_at.ToMilliseconds()
 
 
