@@ -14,7 +14,7 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc as v1alpha_grpc
 
-from icl.reid.v1 import person_search_pb2 as pb
+from icl_api import pb
 
 F = descriptor_pb2.FieldDescriptorProto
 STRING, INT32, BYTES, MESSAGE = F.TYPE_STRING, F.TYPE_INT32, F.TYPE_BYTES, F.TYPE_MESSAGE
