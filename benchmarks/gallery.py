@@ -67,7 +67,8 @@ def _image_chunk(index: int) -> np.ndarray:
     """Embeddings of rows index*CHUNK .. +CHUNK: identity i // PER_PERSON, one render each."""
     from icl.evaluation import embed_images
     from icl.images import decode_crop, encode_png
-    from icl.synthetic.world import render, sample_person
+    from icl.synthetic.render import render
+    from icl.synthetic.schema import sample_person
 
     size = tuple(_model.config.image_size)
     pixels = np.empty((CHUNK, *size, 3), np.uint8)
@@ -83,7 +84,8 @@ def _image_chunk(index: int) -> np.ndarray:
 def _query_chunk(pids: list[int]) -> np.ndarray:
     from icl.evaluation import embed_texts
     from icl.models.pretrained import tokenizer_for
-    from icl.synthetic.world import caption, sample_person
+    from icl.synthetic.captions import caption
+    from icl.synthetic.schema import sample_person
 
     texts = [
         caption(sample_person(np.random.default_rng([0, p]), p), np.random.default_rng([2, p]))

@@ -13,19 +13,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
 from icl.mllm.registry import BACKENDS, NEEDS_PATH
 
 MLLM_MODEL = "mllm"
 KINDS = ("KIND_CPU", "KIND_GPU")
 
 
-def _param(key: str, value: str) -> str:
-    return (
-        f"parameters {{ key: {json.dumps(key)}, value: {{ string_value: {json.dumps(value)} }} }}"
-    )
-
-
-def render_mllm_config(
+def mllm_config(
     backend: str,
     path: str | None,
     *,
@@ -36,8 +33,8 @@ def render_mllm_config(
     options: dict[str, Any] | None = None,
     max_images: int = 64,
     max_tokens_limit: int = 1024,
-) -> str:
-    """config.pbtxt text; raises ValueError on settings the model would refuse at load."""
+) -> mc.ModelConfig:
+    """Triton's ModelConfig; raises ValueError on settings the model would refuse at load."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown MLLM backend {backend!r}; known: {sorted(BACKENDS)}")
     if backend in NEEDS_PATH and not path:
@@ -46,35 +43,45 @@ def render_mllm_config(
         raise ValueError(f"kind must be one of {KINDS}")
     if instances < 1 or threads < 0 or max_images < 1 or max_tokens_limit < 1:
         raise ValueError("instances, max_images, max_tokens_limit must be >= 1, threads >= 0")
-    params = [
-        _param("backend", backend),
-        _param("path", path or ""),
-        _param("options", json.dumps(options or {}, sort_keys=True)),
-        _param("threads", str(threads)),
-        _param("max_images", str(max_images)),
-        _param("max_tokens_limit", str(max_tokens_limit)),
-    ]
+    params = {
+        "backend": backend,
+        "path": path or "",
+        "options": json.dumps(options or {}, sort_keys=True),
+        "threads": str(threads),
+        "max_images": str(max_images),
+        "max_tokens_limit": str(max_tokens_limit),
+    }
     # max_batch_size 0: one request is already a batch (all candidates of a query); a
     # decoupled model streams its responses, so Triton's batcher would not help.
-    return f"""name: "{name}"
-backend: "python"
-max_batch_size: 0
-model_transaction_policy {{ decoupled: true }}
-input [
-  {{ name: "TASK", data_type: TYPE_STRING, dims: [ 1 ] }},
-  {{ name: "IMAGES", data_type: TYPE_STRING, dims: [ -1 ], optional: true }},
-  {{ name: "PROMPTS", data_type: TYPE_STRING, dims: [ -1 ], optional: true }},
-  {{ name: "MAX_TOKENS", data_type: TYPE_INT32, dims: [ 1 ], optional: true }}
-]
-output [
-  {{ name: "P_YES", data_type: TYPE_FP32, dims: [ -1 ] }},
-  {{ name: "TEXT", data_type: TYPE_STRING, dims: [ 1 ] }},
-  {{ name: "MODEL_KEY", data_type: TYPE_STRING, dims: [ 1 ] }},
-  {{ name: "CAN_GENERATE", data_type: TYPE_BOOL, dims: [ 1 ] }}
-]
-instance_group [ {{ kind: {kind}, count: {instances} }} ]
-{chr(10).join(params)}
-"""
+    return mc.ModelConfig(
+        name=name,
+        backend="python",
+        max_batch_size=0,
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+        input=[
+            mc.ModelInput(name="TASK", data_type=mc.TYPE_STRING, dims=[1]),
+            mc.ModelInput(name="IMAGES", data_type=mc.TYPE_STRING, dims=[-1], optional=True),
+            mc.ModelInput(name="PROMPTS", data_type=mc.TYPE_STRING, dims=[-1], optional=True),
+            mc.ModelInput(name="MAX_TOKENS", data_type=mc.TYPE_INT32, dims=[1], optional=True),
+        ],
+        output=[
+            mc.ModelOutput(name="P_YES", data_type=mc.TYPE_FP32, dims=[-1]),
+            mc.ModelOutput(name="TEXT", data_type=mc.TYPE_STRING, dims=[1]),
+            mc.ModelOutput(name="MODEL_KEY", data_type=mc.TYPE_STRING, dims=[1]),
+            mc.ModelOutput(name="CAN_GENERATE", data_type=mc.TYPE_BOOL, dims=[1]),
+        ],
+        instance_group=[
+            mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.Kind.Value(kind), count=instances)
+        ],
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in params.items()},
+    )
+
+
+def render_mllm_config(backend: str, path: str | None, **settings: Any) -> str:
+    """config.pbtxt text (keyword settings as `mllm_config`'s); raises ValueError likewise."""
+    return text_format.MessageToString(
+        mllm_config(backend, path, **settings), use_short_repeated_primitives=True
+    )
 
 
 def write_mllm_model(

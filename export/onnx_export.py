@@ -62,7 +62,9 @@ def parity_inputs(cfg: ModelConfig, images: int = 4) -> tuple[np.ndarray, np.nda
     patterns that only real images produce.
     """
     from icl.models.pretrained import tokenizer_for
-    from icl.synthetic.world import caption, render, sample_person
+    from icl.synthetic.captions import caption
+    from icl.synthetic.render import render
+    from icl.synthetic.schema import sample_person
 
     rng = np.random.default_rng(0)
     people = [sample_person(rng, i) for i in range(images)]

@@ -14,7 +14,9 @@ GPU flavour (NGC Triton image with the TensorRT backend):
     image_encoder/     ensemble: image_encoder_trt, renamed to the contract
     build_plans.sh     trtexec commands turning each `*_trt/1/model.onnx` into `model.plan`
 The python-backend `model.py` files come from the project's `model_repository/` folder; the
-configs are rendered here so that shapes always match the exported graphs.
+configs are built here as Triton's own ModelConfig protobuf (tritonclient's model_config_pb2,
+written in protobuf text format) so that shapes always match the exported graphs and a field
+Triton does not know fails at export, not at load.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from icl.export.onnx_export import ParityReport, export_dual_encoder, export_fp16_variants
 from icl.export.tensorrt import BUILD_SCRIPT, PlanBuild, render_build_script
@@ -93,141 +98,155 @@ class GpuServingSettings:
         _check_batching(self.max_batch_size, self.max_queue_delay_us, self.preferred_batch_sizes)
 
 
-Tensor = tuple[str, str, tuple[int, ...]]  # (name, Triton data type, dims without batch)
+Tensor = tuple[str, int, tuple[int, ...]]  # (name, Triton DataType, dims without batch)
 
 
-def _dims(dims: tuple[int, ...]) -> str:
-    return ", ".join(str(d) for d in dims)
+def _text(config: mc.ModelConfig) -> str:
+    """config.pbtxt text: Triton's own ModelConfig message in protobuf text format."""
+    return text_format.MessageToString(config, use_short_repeated_primitives=True)
 
 
-def _tensors(kind: str, tensors: list[Tensor]) -> str:
-    rows = ",\n".join(
-        f'  {{ name: "{n}", data_type: {t}, dims: [ {_dims(d)} ] }}' for n, t, d in tensors
+def _inputs(tensors: list[Tensor]) -> list[mc.ModelInput]:
+    return [mc.ModelInput(name=n, data_type=t, dims=d) for n, t, d in tensors]
+
+
+def _outputs(tensors: list[Tensor]) -> list[mc.ModelOutput]:
+    return [mc.ModelOutput(name=n, data_type=t, dims=d) for n, t, d in tensors]
+
+
+def _dynamic_batching(delay_us: int, preferred: tuple[int, ...]) -> mc.ModelDynamicBatching:
+    return mc.ModelDynamicBatching(
+        preferred_batch_size=preferred, max_queue_delay_microseconds=delay_us
     )
-    return f"{kind} [\n{rows}\n]"
 
 
-def _dynamic_batching(delay_us: int, preferred: tuple[int, ...]) -> str:
-    pref = f"preferred_batch_size: [ {_dims(preferred)} ] " if preferred else ""
-    return f"dynamic_batching {{ {pref}max_queue_delay_microseconds: {delay_us} }}"
+def _instances(kind: int, count: int) -> list[mc.ModelInstanceGroup]:
+    return [mc.ModelInstanceGroup(kind=kind, count=count)]
 
 
-def _warmup(inputs: list[Tensor], batch_sizes: tuple[int, ...]) -> str:
+def _warmup(inputs: list[Tensor], batch_sizes: tuple[int, ...]) -> list[mc.ModelWarmup]:
     """Zero-filled warm-up requests (BYTES zeros are empty strings), one per batch size.
 
     So the first real request does not pay for onnxruntime's or TensorRT's lazy set-up.
     """
-    items = []
-    for b in dict.fromkeys(batch_sizes):
-        feeds = " ".join(
-            f'inputs {{ key: "{n}" value: {{ data_type: {t} dims: [ {_dims(d)} ] '
-            "zero_data: true } }"
-            for n, t, d in inputs
+    return [
+        mc.ModelWarmup(
+            name=f"zeros_batch_{b}",
+            batch_size=b,
+            inputs={
+                n: mc.ModelWarmup.Input(data_type=t, dims=d, zero_data=True) for n, t, d in inputs
+            },
         )
-        items.append(f'  {{ name: "zeros_batch_{b}" batch_size: {b} {feeds} }}')
-    return "model_warmup [\n" + ",\n".join(items) + "\n]"
+        for b in dict.fromkeys(batch_sizes)
+    ]
 
 
 def _text_input(name: str = "TEXT") -> Tensor:
-    return (name, "TYPE_STRING", (1,))
+    return (name, mc.TYPE_STRING, (1,))
 
 
 def _pixels_input(name: str, image_size: tuple[int, int]) -> Tensor:
-    return (name, "TYPE_UINT8", (*image_size, 3))
+    return (name, mc.TYPE_UINT8, (*image_size, 3))
 
 
 def _embedding(name: str, dim: int) -> Tensor:
-    return (name, "TYPE_FP32", (dim,))
+    return (name, mc.TYPE_FP32, (dim,))
 
 
-def _render(name: str, inp: Tensor, embed_dim: int, s: CpuServingSettings) -> str:
-    parts = [
-        f'name: "{name}"',
-        'backend: "python"',
-        f"max_batch_size: {s.max_batch_size}",
-        _tensors("input", [inp]),
-        _tensors("output", [_embedding("EMBEDDING", embed_dim)]),
-        _dynamic_batching(s.max_queue_delay_us, s.preferred_batch_sizes),
-        f"instance_group [ {{ kind: KIND_CPU, count: {s.instances} }} ]",
-        'parameters { key: "onnx_file", value: { string_value: "model.onnx" } }',
-        f'parameters {{ key: "intra_op_threads", value: {{ string_value: '
-        f'"{s.intra_op_threads}" }} }}',
-    ]
-    if s.warmup:
-        parts.append(_warmup([inp], (1,)))
-    return "\n".join(parts) + "\n"
+def _encoder_config(
+    name: str, inp: Tensor, embed_dim: int, s: CpuServingSettings
+) -> mc.ModelConfig:
+    return mc.ModelConfig(
+        name=name,
+        backend="python",
+        max_batch_size=s.max_batch_size,
+        input=_inputs([inp]),
+        output=_outputs([_embedding("EMBEDDING", embed_dim)]),
+        dynamic_batching=_dynamic_batching(s.max_queue_delay_us, s.preferred_batch_sizes),
+        instance_group=_instances(mc.ModelInstanceGroup.KIND_CPU, s.instances),
+        parameters={
+            "onnx_file": mc.ModelParameter(string_value="model.onnx"),
+            "intra_op_threads": mc.ModelParameter(string_value=str(s.intra_op_threads)),
+        },
+        model_warmup=_warmup([inp], (1,)) if s.warmup else [],
+    )
+
+
+def text_encoder_config(embed_dim: int, s: CpuServingSettings) -> mc.ModelConfig:
+    return _encoder_config(TEXT_ENCODER, _text_input(), embed_dim, s)
+
+
+def image_encoder_config(
+    image_size: tuple[int, int], embed_dim: int, s: CpuServingSettings
+) -> mc.ModelConfig:
+    return _encoder_config(IMAGE_ENCODER, _pixels_input("PIXELS", image_size), embed_dim, s)
 
 
 def render_text_encoder_config(embed_dim: int, s: CpuServingSettings) -> str:
-    return _render(TEXT_ENCODER, _text_input(), embed_dim, s)
+    return _text(text_encoder_config(embed_dim, s))
 
 
 def render_image_encoder_config(
     image_size: tuple[int, int], embed_dim: int, s: CpuServingSettings
 ) -> str:
-    return _render(IMAGE_ENCODER, _pixels_input("PIXELS", image_size), embed_dim, s)
+    return _text(image_encoder_config(image_size, embed_dim, s))
 
 
-def render_tokenizer_config(context_length: int, s: GpuServingSettings) -> str:
+def tokenizer_config(context_length: int, s: GpuServingSettings) -> mc.ModelConfig:
     inp = _text_input()
-    parts = [
-        f'name: "{TOKENIZER}"',
-        'backend: "python"',
-        f"max_batch_size: {s.max_batch_size}",
-        _tensors("input", [inp]),
-        _tensors("output", [("INPUT_IDS", "TYPE_INT64", (context_length,))]),
-        _dynamic_batching(s.max_queue_delay_us, ()),
-        f"instance_group [ {{ kind: KIND_CPU, count: {s.tokenizer_instances} }} ]",
-    ]
-    if s.warmup:
-        parts.append(_warmup([inp], (1,)))
-    return "\n".join(parts) + "\n"
-
-
-def render_plan_config(name: str, inp: Tensor, embed_dim: int, s: GpuServingSettings) -> str:
-    """A TensorRT plan model; its tensors keep the ONNX names (input_ids/pixels, embedding)."""
-    parts = [
-        f'name: "{name}"',
-        'platform: "tensorrt_plan"',
-        f"max_batch_size: {s.max_batch_size}",
-        _tensors("input", [inp]),
-        _tensors("output", [_embedding("embedding", embed_dim)]),
-        _dynamic_batching(s.max_queue_delay_us, s.preferred_batch_sizes),
-        f"instance_group [ {{ kind: KIND_GPU, count: {s.instances} }} ]",
-    ]
-    if s.warmup:
-        parts.append(_warmup([inp], (1, s.opt_batch_size)))
-    return "\n".join(parts) + "\n"
-
-
-def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
-    ins = " ".join(f'input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
-    outs = " ".join(f'output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
-    return f'    {{ model_name: "{model}" model_version: -1 {ins} {outs} }}'
-
-
-def render_ensemble_config(
-    name: str, inp: Tensor, embed_dim: int, steps: list[str], s: GpuServingSettings
-) -> str:
-    return (
-        "\n".join(
-            [
-                f'name: "{name}"',
-                'platform: "ensemble"',
-                f"max_batch_size: {s.max_batch_size}",
-                _tensors("input", [inp]),
-                _tensors("output", [_embedding("EMBEDDING", embed_dim)]),
-                "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}",
-            ]
-        )
-        + "\n"
+    return mc.ModelConfig(
+        name=TOKENIZER,
+        backend="python",
+        max_batch_size=s.max_batch_size,
+        input=_inputs([inp]),
+        output=_outputs([("INPUT_IDS", mc.TYPE_INT64, (context_length,))]),
+        dynamic_batching=_dynamic_batching(s.max_queue_delay_us, ()),
+        instance_group=_instances(mc.ModelInstanceGroup.KIND_CPU, s.tokenizer_instances),
+        model_warmup=_warmup([inp], (1,)) if s.warmup else [],
     )
 
 
-def render_gpu_configs(cfg: ModelConfig, s: GpuServingSettings) -> dict[str, str]:
-    """config.pbtxt text per model name, for the GPU flavour."""
+def plan_config(name: str, inp: Tensor, embed_dim: int, s: GpuServingSettings) -> mc.ModelConfig:
+    """A TensorRT plan model; its tensors keep the ONNX names (input_ids/pixels, embedding)."""
+    return mc.ModelConfig(
+        name=name,
+        platform="tensorrt_plan",
+        max_batch_size=s.max_batch_size,
+        input=_inputs([inp]),
+        output=_outputs([_embedding("embedding", embed_dim)]),
+        dynamic_batching=_dynamic_batching(s.max_queue_delay_us, s.preferred_batch_sizes),
+        instance_group=_instances(mc.ModelInstanceGroup.KIND_GPU, s.instances),
+        model_warmup=_warmup([inp], (1, s.opt_batch_size)) if s.warmup else [],
+    )
+
+
+def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> mc.ModelEnsembling.Step:
+    return mc.ModelEnsembling.Step(
+        model_name=model, model_version=-1, input_map=inputs, output_map=outputs
+    )
+
+
+def ensemble_config(
+    name: str,
+    inp: Tensor,
+    embed_dim: int,
+    steps: list[mc.ModelEnsembling.Step],
+    s: GpuServingSettings,
+) -> mc.ModelConfig:
+    return mc.ModelConfig(
+        name=name,
+        platform="ensemble",
+        max_batch_size=s.max_batch_size,
+        input=_inputs([inp]),
+        output=_outputs([_embedding("EMBEDDING", embed_dim)]),
+        ensemble_scheduling=mc.ModelEnsembling(step=steps),
+    )
+
+
+def gpu_configs(cfg: ModelConfig, s: GpuServingSettings) -> dict[str, mc.ModelConfig]:
+    """Triton's ModelConfig per model name, for the GPU flavour."""
     d, length = cfg.output_dim, cfg.context_length
-    ids: Tensor = ("input_ids", "TYPE_INT64", (length,))
+    ids: Tensor = ("input_ids", mc.TYPE_INT64, (length,))
     pixels = _pixels_input("pixels", cfg.image_size)
     text_steps = [
         _step(TOKENIZER, {"TEXT": "TEXT"}, {"INPUT_IDS": "token_ids"}),
@@ -235,14 +254,19 @@ def render_gpu_configs(cfg: ModelConfig, s: GpuServingSettings) -> dict[str, str
     ]
     image_steps = [_step(IMAGE_ENCODER_TRT, {"pixels": "PIXELS"}, {"embedding": "EMBEDDING"})]
     return {
-        TOKENIZER: render_tokenizer_config(length, s),
-        TEXT_ENCODER_TRT: render_plan_config(TEXT_ENCODER_TRT, ids, d, s),
-        IMAGE_ENCODER_TRT: render_plan_config(IMAGE_ENCODER_TRT, pixels, d, s),
-        TEXT_ENCODER: render_ensemble_config(TEXT_ENCODER, _text_input(), d, text_steps, s),
-        IMAGE_ENCODER: render_ensemble_config(
+        TOKENIZER: tokenizer_config(length, s),
+        TEXT_ENCODER_TRT: plan_config(TEXT_ENCODER_TRT, ids, d, s),
+        IMAGE_ENCODER_TRT: plan_config(IMAGE_ENCODER_TRT, pixels, d, s),
+        TEXT_ENCODER: ensemble_config(TEXT_ENCODER, _text_input(), d, text_steps, s),
+        IMAGE_ENCODER: ensemble_config(
             IMAGE_ENCODER, _pixels_input("PIXELS", cfg.image_size), d, image_steps, s
         ),
     }
+
+
+def render_gpu_configs(cfg: ModelConfig, s: GpuServingSettings) -> dict[str, str]:
+    """config.pbtxt text per model name, for the GPU flavour."""
+    return {name: _text(config) for name, config in gpu_configs(cfg, s).items()}
 
 
 def gpu_plan_builds(cfg: ModelConfig, s: GpuServingSettings) -> list[PlanBuild]:

@@ -11,8 +11,10 @@ from typer.testing import CliRunner
 from icl.cli import app
 from icl.mllm.contract import VQA_PROMPT, anchor_prompt, parse_answers
 from icl.mllm.demo import load_demo_backend, load_demo_mllm
+from icl.synthetic.captions import caption_with_mentions
 from icl.synthetic.dataset import write_synthetic_dataset
-from icl.synthetic.world import caption_with_mentions, render, sample_person
+from icl.synthetic.render import render
+from icl.synthetic.schema import sample_person
 
 
 def test_committed_model_answers_the_contract() -> None:

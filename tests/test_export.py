@@ -7,6 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from icl.export.onnx_export import ParityError, _parity, export_dual_encoder
 from icl.export.repository import CpuServingSettings, render_image_encoder_config, write_repository
@@ -40,8 +42,9 @@ def test_repository_configs_follow_the_model(demo_model, tmp_path):
     write_repository(demo_model, tmp_path, CpuServingSettings(instances=2, intra_op_threads=1))
     image = (tmp_path / "image_encoder/config.pbtxt").read_text()
     h, w = demo_model.config.image_size
-    assert f"dims: [ {h}, {w}, 3 ]" in image
-    assert f"dims: [ {demo_model.config.output_dim} ]" in image
+    parsed = text_format.Parse(image, mc.ModelConfig())
+    assert list(parsed.input[0].dims) == [h, w, 3]
+    assert list(parsed.output[0].dims) == [demo_model.config.output_dim]
     assert "count: 2" in image and "KIND_CPU" in image
     assert (tmp_path / "text_encoder/1/model.py").is_file()
     assert (tmp_path / "text_encoder/1/model.onnx").is_file()
@@ -54,9 +57,6 @@ def test_serving_settings_are_validated():
 
 
 def test_cpu_configs_parse_as_triton_model_configs(demo_model):
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
     from icl.export.repository import render_text_encoder_config
 
     s = CpuServingSettings(instances=2, intra_op_threads=1, preferred_batch_sizes=(8, 32))

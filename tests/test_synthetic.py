@@ -5,32 +5,31 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from icl.synthetic.captions import COLOUR_WORDS, PHRASES, WHO, caption_with_mentions
 from icl.synthetic.dataset import (
     ANNOTATION_FILE,
     ATTRIBUTES_FILE,
     tokens,
     write_synthetic_dataset,
 )
-from icl.synthetic.world import (
+from icl.synthetic.render import render
+from icl.synthetic.schema import (
     ATTRIBUTE_NAMES,
     ATTRIBUTES,
     COLOUR_ATTRIBUTES,
-    COLOUR_WORDS,
     DIFFICULTIES,
     NONE,
-    PHRASES,
     VIEWS,
-    WHO,
     attribute_diff,
-    caption_with_mentions,
     check_person,
-    render,
     sample_person,
     sample_population,
     visible_attributes,
@@ -252,3 +251,14 @@ def test_back_view_hides_the_face_and_the_print() -> None:
                 )
                 assert "glasses" not in m
                 assert m.get("upper_pattern") != "logo"
+
+
+@pytest.mark.unit
+def test_schema_stands_alone_for_the_demo_mllm() -> None:
+    """The serving path (demo MLLM) needs the attribute list only: no drawing, no captions."""
+    code = (
+        "import sys, icl.mllm.demo\n"
+        "print(sorted(m for m in sys.modules if m.startswith('icl.synthetic')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['icl.synthetic', 'icl.synthetic.schema']"

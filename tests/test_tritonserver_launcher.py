@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from icl.export.repository import write_gpu_repository
 from icl.orchestrator.tritonserver import TritonLaunchError
@@ -44,8 +46,12 @@ def test_corrupt_onnx_file(model_repository, tmp_path):
 
 def test_shape_in_config_does_not_match_graph(model_repository, tmp_path):
     repo = _copy(model_repository, tmp_path / "repo")
-    config = repo / "image_encoder/config.pbtxt"
-    config.write_text(config.read_text().replace("dims: [ 96, 32, 3 ]", "dims: [ 96, 32 ]"))
+    path = repo / "image_encoder/config.pbtxt"
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    assert list(config.input[0].dims) == [96, 32, 3]
+    for dims in (config.input[0].dims, *(w.inputs["PIXELS"].dims for w in config.model_warmup)):
+        del dims[-1]  # PIXELS [96, 32]: the graph has [96, 32, 3]
+    path.write_text(text_format.MessageToString(config))
     message = _launch_fails(repo, tmp_path / "log")
     assert "image_encoder" in message
 

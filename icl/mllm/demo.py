@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from icl.mllm.contract import VQA_PROMPT
-from icl.synthetic.world import ATTRIBUTES
+from icl.synthetic.schema import ATTRIBUTES
 from icl.text.tokenizer import VOCAB_SIZE, ClipTokenizer
 
 FORMAT = "icl-demo-mllm/1"

@@ -35,11 +35,11 @@ from icl.mllm.demo import (
     head_sizes,
     split_heads,
 )
-from icl.synthetic.world import (
+from icl.synthetic.captions import caption_with_mentions
+from icl.synthetic.schema import (
     ATTRIBUTES,
     DIFFICULTIES,
     Person,
-    caption_with_mentions,
     draw_view,
     sample_person,
     visible_attributes,

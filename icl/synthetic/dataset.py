@@ -16,14 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from icl.synthetic.world import (
-    DEFAULT_DIFFICULTY,
-    DIFFICULTIES,
-    caption_with_mentions,
-    draw_view,
-    render,
-    sample_population,
-)
+from icl.synthetic.captions import caption_with_mentions
+from icl.synthetic.render import render
+from icl.synthetic.schema import DEFAULT_DIFFICULTY, DIFFICULTIES, draw_view, sample_population
 
 ANNOTATION_FILE = "reid_raw.json"
 ATTRIBUTES_FILE = "attributes.json"

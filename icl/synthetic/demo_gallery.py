@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from icl.images import encode_png
-from icl.synthetic.world import Person, caption, render, sample_person
+from icl.synthetic.captions import caption
+from icl.synthetic.render import render
+from icl.synthetic.schema import Person, sample_person
 
 DAY_START_MS = 1_767_600_000_000  # 2026-01-05 08:00 UTC: a fixed, reproducible day
 CAMERAS = tuple(f"cam-{i:02d}" for i in range(1, 7))

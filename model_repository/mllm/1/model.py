@@ -28,6 +28,7 @@ import triton_python_backend_utils as pb_utils
 from PIL import Image
 
 from icl.mllm.registry import load_backend
+from icl.triton_models import model_config, model_parameters
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TASKS = ("score", "generate", "info")
@@ -76,11 +77,11 @@ def _image(data, i):
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
+        config = model_config(args)
         name = config["name"]
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise ValueError(f"model {name}: needs model_transaction_policy {{ decoupled: true }}")
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = model_parameters(config)
         threads = int(params.get("threads", "0") or 0)
         if threads > 0:
             import torch
