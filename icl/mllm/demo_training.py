@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +59,8 @@ class LabelledImages:
 
 
 def _labels(record: dict[str, str]) -> list[int]:
-    person = Person(person_id=0, **{a: record[a] for a in ATTRIBUTE_NAMES})
+    looks: dict[str, Any] = {a: record[a] for a in ATTRIBUTE_NAMES}
+    person = Person(person_id=0, **looks)
     visible = set(visible_attributes(person, record["view"]))
     return [
         ATTRIBUTES[a].index(record[a]) if a in visible else len(ATTRIBUTES[a])
@@ -83,7 +85,8 @@ def labelled_images(root: Path, records: Sequence[ImageRecord]) -> LabelledImage
 
 
 def _head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return sum(F.cross_entropy(part, labels[:, i]) for i, part in enumerate(split_heads(logits)))
+    losses = [F.cross_entropy(part, labels[:, i]) for i, part in enumerate(split_heads(logits))]
+    return cast(torch.Tensor, sum(losses))
 
 
 @torch.no_grad()
@@ -137,6 +140,7 @@ def train_attribute_net(
                 float(acc.mean()),
                 {k: v.clone() for k, v in net.state_dict().items()},
             )
+    assert best_state is not None  # set in the first epoch
     net.load_state_dict(best_state)
     return net.eval(), head_accuracy(net, val.pixels, val.labels)
 

@@ -153,7 +153,7 @@ class _Collector:
                     on_text(text)
 
         self._streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._streamer.on_finalized_text = emit
+        self._streamer.on_finalized_text = emit  # type: ignore[method-assign]  # the hook
 
     def put(self, value: torch.Tensor) -> None:
         self._streamer.put(value)
@@ -201,7 +201,7 @@ class Qwen2VLBackend:
         torch_dtype = _dtype(dtype, device)
         self.model = AutoModelForImageTextToText.from_pretrained(
             self.path, local_files_only=True, dtype=torch_dtype
-        ).to(device)
+        ).to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
         self.model.eval()
         self.chat_template = self._chat_template()
         self.image_token = getattr(self.tokenizer, "image_token", None) or IMAGE_TOKEN
@@ -244,14 +244,17 @@ class Qwen2VLBackend:
         return (h // self.factor) * (w // self.factor)
 
     def _chat_text(self, n_images: int, prompt: str) -> str:
-        content: list[dict[str, str]] = [{"type": "image"} for _ in range(n_images)]
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
         content.append({"type": "text", "text": prompt})
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
+        messages: Any = [{"role": "user", "content": content}]
+        text = self.tokenizer.apply_chat_template(
+            messages,
             chat_template=self.chat_template,
             tokenize=False,
             add_generation_prompt=True,
         )
+        assert isinstance(text, str)  # tokenize=False renders text
+        return text
 
     def _encode(
         self, rows: Sequence[Sequence[np.ndarray]], prompts: Sequence[str]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -223,7 +224,8 @@ def make_sibling(source: Person, rng: np.random.Generator, person_id: int) -> Pe
         a, b = (ATTRIBUTE_NAMES[i] for i in rng.choice(len(ATTRIBUTE_NAMES), 2, replace=False))
         va = _pick(rng, [v for v in ATTRIBUTES[a] if v != getattr(source, a)])
         vb = _pick(rng, [v for v in ATTRIBUTES[b] if v != getattr(source, b)])
-        cand = replace(source, person_id=person_id, **{a: va, b: vb})
+        changes: dict[str, Any] = {a: va, b: vb}
+        cand = replace(source, person_id=person_id, **changes)
         if not check_person(cand):
             return cand
     raise RuntimeError("no valid sibling found")  # unreachable for the schema above
