@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -152,6 +153,17 @@ def _install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+async def _until_stopped(stop: asyncio.Event, alive: Any = lambda: True) -> None:
+    """Until a stop signal, or until alive() turns False (the supervised server died)."""
+    while alive() and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
+def _died(server: Any) -> typer.Exit:
+    return _fail(f"tritonserver died (exit code {server.returncode}); log: {server.log_path}")
+
+
 @app.command()
 def triton(
     model_repository: Annotated[Path, typer.Option(help="Model repository to serve.")] = WORKDIR
@@ -176,12 +188,15 @@ def triton(
     async def wait() -> None:
         stop = asyncio.Event()
         _install_stop_signals(stop)
-        await stop.wait()
+        await _until_stopped(stop, lambda: server.running)
 
     try:
         asyncio.run(wait())
+        died = not server.running
     finally:
         server.stop()
+    if died:
+        raise _died(server)
 
 
 @app.command()
@@ -349,14 +364,17 @@ def demo(
             port=port,
             mllm_model="mllm",
         )
-        ok = asyncio.run(_demo(config, images, check))
+        ok = asyncio.run(_demo(config, images, check, lambda: triton_server.running))
+        died = not triton_server.running
     finally:
         triton_server.stop()
+    if died:
+        raise _died(triton_server)
     if not ok:
         raise _fail("the demo searches returned no hits")
 
 
-async def _demo(config: Any, n_images: int, check: bool) -> bool:
+async def _demo(config: Any, n_images: int, check: bool, alive: Any = lambda: True) -> bool:
     import grpc
 
     from icl.orchestrator.client import channel_options, enroll, search_request
@@ -409,7 +427,7 @@ async def _demo(config: Any, n_images: int, check: bool) -> bool:
             highlight=False,
             soft_wrap=True,  # keep the command on one line for copy and paste
         )
-        await stop.wait()
+        await _until_stopped(stop, alive)
         return True
     finally:
         await orchestrator.stop()

@@ -4,9 +4,9 @@ The package ships the standalone binary with embedded etcd and a config template
 launcher (`milvus-server`) leaves the component addresses empty, so components advertise the
 machine's network address, and it waits only 1 s before SIGKILL. This launcher renders the
 template with free ports, pins every component to 127.0.0.1, and runs the binary under
-`orchestrator/supervisor.py` (own process group, SIGTERM then SIGKILL after a timeout),
-polling /healthz. Tests and benchmarks/gallery.py use it; production runs Milvus 2.5+ from
-its compose file or Helm chart.
+`orchestrator/supervisor.py` (own process group, SIGTERM then SIGKILL after a timeout, reaped
+at once if it dies), polling /healthz. Tests and benchmarks/gallery.py use it; production runs
+Milvus 2.5+ from its compose file or Helm chart.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class MilvusLaunchError(ServerStartError):
 class MilvusServer:
     """A Milvus standalone process whose data lives under `data_dir`. Call stop() when done.
 
-    `running` and `returncode` say whether it still runs and how it ended.
+    If it dies on its own it is reaped at once; `running` turns False and `returncode` says
+    how it ended.
     """
 
     data_dir: Path
@@ -67,6 +68,10 @@ class MilvusServer:
     def returncode(self) -> int | None:
         """How the last run ended (negative: killed by that signal); None while running."""
         return self._supervisor.returncode if self._supervisor is not None else None
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the server has exited; its return code, or None."""
+        return self._supervisor.wait(timeout_s) if self._supervisor is not None else None
 
     @property
     def log_path(self) -> Path:

@@ -4,8 +4,13 @@ A `ProcessSupervisor` starts a command in its own process group, with its output
 a log file, and (on Linux) with PR_SET_PDEATHSIG so the server gets SIGTERM when the
 launching thread dies, even by SIGKILL. It polls a readiness callable under a deadline and,
 when the start fails, says why with the log's tail. It stops the group with SIGTERM, then
-SIGKILL after a timeout, kills what is left of the group and runs the exit callbacks (e.g.
-removing shared-memory regions).
+SIGKILL after a timeout.
+
+A watcher thread waits for the child's exit at all times, so an unexpected death is handled
+at once, not at the next stop(): the rest of the process group (e.g. Triton's python-backend
+stubs) is killed while the dead leader still holds the group's id, the child is reaped (no
+zombie), and the exit callbacks run (e.g. removing shared-memory regions). `running` and
+`returncode` then tell callers that the server died.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -96,6 +102,11 @@ class ProcessSupervisor:
         self._on_exit = list(on_exit)
         self.process: subprocess.Popen[bytes] | None = None
         self._returncode: int | None = None
+        self._exited = threading.Event()
+        self._exited.set()  # nothing runs yet
+        self._stopping = False
+        self._lock = threading.Lock()  # signals are sent only while the pid is still ours
+        self._watcher: threading.Thread | None = None
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -104,12 +115,18 @@ class ProcessSupervisor:
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        """True from start() until the child exits (for whatever reason)."""
+        return self.process is not None and not self._exited.is_set()
 
     @property
     def returncode(self) -> int | None:
         """The last run's exit status (negative: killed by that signal); None while running."""
-        return self.process.returncode if self.process is not None else self._returncode
+        return self._returncode
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the child has exited and was cleaned up; its return code, or None."""
+        self._exited.wait(timeout_s)
+        return self._returncode
 
     # -- start ---------------------------------------------------------------------------
     def start(
@@ -129,6 +146,8 @@ class ProcessSupervisor:
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._returncode = None
+        self._stopping = False
+        self._exited = threading.Event()
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
                 self.command,
@@ -139,6 +158,13 @@ class ProcessSupervisor:
                 start_new_session=True,  # its own process group: a stop reaches its children
                 preexec_fn=_die_with_parent_hook(),
             )
+        self._watcher = threading.Thread(
+            target=self._watch,
+            args=(self.process,),
+            name=f"{self.name}-watcher-{self.process.pid}",
+            daemon=True,
+        )
+        self._watcher.start()
         log.info("%s started (pid %d), log %s", self.name, self.process.pid, self.log_path)
         if ready is None:
             return
@@ -161,37 +187,58 @@ class ProcessSupervisor:
         where = f" {context}" if context else ""
         while True:
             if not self.running:
-                raise error(f"{self.name} exited with code {self.returncode}{where}: {summary()}")
+                self.wait()
+                raise error(f"{self.name} exited with code {self._returncode}{where}: {summary()}")
             if ready():
                 return
             if time.monotonic() >= deadline:
                 raise error(f"{self.name} not ready after {timeout_s:.0f}s{where}: {summary()}")
-            time.sleep(interval_s)
+            self._exited.wait(interval_s)  # wakes at once if the child dies
+
+    # -- exit handling -------------------------------------------------------------------
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        # Wait without reaping: until reaped, the dead leader's pid still names its process
+        # group, so the killpg below cannot reach a reused pid. ChildProcessError: someone
+        # else reaped it already (proc.poll() or proc.wait() on the Popen).
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        with self._lock:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the rest of the group (stubs etc.)
+            code = proc.wait()
+            self._returncode = code
+        # INFO either way: callers learn of a death from running/returncode and say so.
+        why = "stopped" if self._stopping else "exited on its own"
+        log.info("%s (pid %d) %s, code %d", self.name, proc.pid, why, code)
+        for callback in self._on_exit:
+            try:
+                callback(code)
+            except Exception:  # a failing cleanup must not hide the exit from waiters
+                log.exception("%s exit callback failed", self.name)
+        self._exited.set()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with self._lock:
+            if self.process is not None and self._returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.process.pid, sig)
 
     # -- stop ----------------------------------------------------------------------------
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM the process group, SIGKILL it after timeout_s, then kill what is left of the
-        group and run the exit callbacks. A no-op when it never started or was stopped."""
-        proc, self.process = self.process, None
-        if proc is None:
+        """SIGTERM the process group, SIGKILL it after timeout_s; wait for the cleanup.
+        A no-op (never raises) when the child has already exited or never started."""
+        if self.process is None:
             return self._returncode
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
+        self._stopping = True
+        if not self._exited.is_set():
+            self._signal_group(signal.SIGTERM)
+            if not self._exited.wait(timeout_s):
                 log.warning("%s did not stop in %.0fs: SIGKILL", self.name, timeout_s)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        # Children share the group: make sure none outlives the server.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        self._returncode = proc.returncode
-        for callback in self._on_exit:
-            try:
-                callback(proc.returncode)
-            except Exception:
-                log.exception("%s exit callback failed", self.name)
+                self._signal_group(signal.SIGKILL)
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=30)  # bounded: a process stuck in the kernel must not hang us
+        self.process = None
         return self._returncode
 
     # -- log -----------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def _environment() -> dict[str, str]:
 class TritonServer:
     """A tritonserver process on loopback ports. Use as a context manager or call stop().
 
-    `running` and `returncode` say whether it still runs and how it ended.
+    If the server dies on its own, its stubs and shared memory are cleaned up at once;
+    `running` turns False and `returncode` says how it ended.
     """
 
     model_repository: Path
@@ -108,6 +109,10 @@ class TritonServer:
     def returncode(self) -> int | None:
         """How the last run ended (negative: killed by that signal); None while running."""
         return self._supervisor.returncode if self._supervisor is not None else None
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the server has exited and was cleaned up; its return code, or None."""
+        return self._supervisor.wait(timeout_s) if self._supervisor is not None else None
 
     def command(self) -> list[str]:
         backends = ensure_python_backend()
@@ -168,7 +173,7 @@ class TritonServer:
             region.unlink(missing_ok=True)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """Stop the server and its stubs and remove its shared memory."""
+        """Stop the server and its stubs, remove its shared memory; a no-op once it is gone."""
         if self._supervisor is not None:
             self._supervisor.stop(timeout_s)
         self._remove_shm_regions()  # also after a crash of the launcher that started it

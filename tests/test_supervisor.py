@@ -10,28 +10,7 @@ from pathlib import Path
 import pytest
 
 from icl.orchestrator.supervisor import ProcessSupervisor, ServerStartError
-
-
-def _alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is pgid."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+from tests.helpers import group_members, proc_state, wait_until
 
 
 def _sh(script: str, tmp_path: Path, **kwargs) -> ProcessSupervisor:
@@ -82,11 +61,11 @@ def test_stop_reaches_the_whole_group_and_escalates_to_sigkill(tmp_path):
     sup = _sh("trap '' TERM; sleep 60 & echo started; wait", tmp_path, on_exit=[on_exit.append])
     sup.start(lambda: "started" in sup.log_text(), timeout_s=30)
     pid = sup.pid
-    assert pid is not None and len(_group_members(pid)) == 2
+    assert pid is not None and len(group_members(pid)) == 2
     began = time.monotonic()
     assert sup.stop(timeout_s=1) == -signal.SIGKILL
     assert 1 <= time.monotonic() - began < 10
-    assert _group_members(pid) == [] and not _alive(pid)
+    assert group_members(pid) == [] and proc_state(pid) is None
     assert on_exit == [-signal.SIGKILL]
     assert sup.stop() == -signal.SIGKILL and on_exit == [-signal.SIGKILL]  # a no-op
     assert sup.process is None
@@ -113,9 +92,37 @@ def test_environment_and_working_directory(tmp_path):
 def test_log_tail_is_one_line(tmp_path):
     sup = _sh("printf 'a\\n\\nb\\nc\\n'", tmp_path)
     sup.start()
-    deadline = time.monotonic() + 10
-    while sup.running and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert sup.wait(10) == 0
     assert sup.stop() == 0
     assert sup.log_tail(2) == f"b | c (full log: {sup.log_path})"
     assert sup.log_text().count("a") == 1
+
+
+@pytest.mark.unit
+def test_a_child_that_dies_is_reaped_and_its_group_killed_at_once(tmp_path):
+    """Regression: a SIGKILLed server stayed a zombie, and its children alive, until stop()
+    or the launcher's exit. The watcher reaps it, kills the group, runs the exit callbacks."""
+    on_exit: list[int] = []
+    sup = _sh("sleep 60 & echo started; wait", tmp_path, on_exit=[on_exit.append])
+    sup.start(lambda: "started" in sup.log_text(), timeout_s=30)
+    pid = sup.pid
+    assert pid is not None and len(group_members(pid)) == 2
+    os.kill(pid, signal.SIGKILL)  # only the leader: its child stays in the group
+    assert wait_until(lambda: not sup.running, 5)
+    assert proc_state(pid) is None  # reaped: no zombie left
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    assert group_members(pid) == []
+    assert sup.returncode == -signal.SIGKILL and on_exit == [-signal.SIGKILL]
+    assert sup.stop() == -signal.SIGKILL and on_exit == [-signal.SIGKILL]  # a no-op
+
+
+@pytest.mark.unit
+def test_a_child_reaped_by_someone_else_is_still_noticed(tmp_path):
+    sup = _sh("exec sleep 60", tmp_path)
+    sup.start()
+    assert sup.process is not None
+    sup.process.kill()
+    sup.process.wait()  # reaps it behind the supervisor's back
+    assert sup.wait(5) == -signal.SIGKILL and not sup.running
+    sup.stop()
