@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -38,6 +41,17 @@ def install_stop_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+
+async def until_stopped(stop: asyncio.Event, alive: Callable[[], bool] = lambda: True) -> None:
+    """Until a stop signal, or until alive() turns False (a supervised server died)."""
+    while alive() and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
+def server_died(server: Any) -> typer.Exit:
+    return fail(f"tritonserver died (exit code {server.returncode}); log: {server.log_path}")
 
 
 def parse_time(value: str | None, name: str) -> datetime | None:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from icl.cli.common import WORKDIR, console, fail, install_stop_signals, self_command
+from icl.cli.common import (
+    WORKDIR,
+    console,
+    fail,
+    install_stop_signals,
+    self_command,
+    server_died,
+    until_stopped,
+)
 from icl.cli.export import load_model
 from icl.cli.search import print_hits, print_trace
 from icl.cli.serving import start_or_fail
@@ -61,14 +70,19 @@ def demo(
             port=port,
             mllm_model="mllm",
         )
-        ok = asyncio.run(_demo(config, images, check))
+        ok = asyncio.run(_demo(config, images, check, lambda: triton_server.running))
+        died = not triton_server.running
     finally:
         triton_server.stop()
+    if died:
+        raise server_died(triton_server)
     if not ok:
         raise fail("the demo searches returned no hits")
 
 
-async def _demo(config: Any, n_images: int, check: bool) -> bool:
+async def _demo(
+    config: Any, n_images: int, check: bool, alive: Callable[[], bool] = lambda: True
+) -> bool:
     from icl.orchestrator.server import Orchestrator
     from icl.synthetic.demo_gallery import demo_gallery, demo_queries
 
@@ -113,7 +127,7 @@ async def _demo(config: Any, n_images: int, check: bool) -> bool:
             highlight=False,
             soft_wrap=True,  # keep the command on one line for copy and paste
         )
-        await stop.wait()
+        await until_stopped(stop, alive)
         return True
     finally:
         await orchestrator.stop()

@@ -8,7 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from icl.cli.common import WORKDIR, console, fail, install_stop_signals, setup_logging
+from icl.cli.common import (
+    WORKDIR,
+    console,
+    fail,
+    install_stop_signals,
+    server_died,
+    setup_logging,
+    until_stopped,
+)
 
 
 def triton(
@@ -34,12 +42,15 @@ def triton(
     async def wait() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        await stop.wait()
+        await until_stopped(stop, lambda: server.running)
 
     try:
         asyncio.run(wait())
+        died = not server.running
     finally:
         server.stop()
+    if died:
+        raise server_died(server)
 
 
 def serve(

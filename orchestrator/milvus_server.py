@@ -3,26 +3,23 @@
 The package ships the standalone binary with embedded etcd and a config template. Its own
 launcher (`milvus-server`) leaves the component addresses empty, so components advertise the
 machine's network address, and it waits only 1 s before SIGKILL. This launcher renders the
-template with free ports, pins every component to 127.0.0.1, runs the binary in its own
-process group (SIGTERM, SIGKILL after a timeout) and polls /healthz. Tests and
-benchmarks/gallery.py use it; production runs Milvus 2.5+ from its compose file or Helm chart.
+template with free ports, pins every component to 127.0.0.1, and runs the binary under
+`orchestrator/supervisor.py` (own process group, SIGTERM then SIGKILL after a timeout, reaped
+at once if it dies), polling /healthz. Tests and benchmarks/gallery.py use it; production runs
+Milvus 2.5+ from its compose file or Helm chart.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from icl.orchestrator.tritonserver import _die_with_parent, free_port
+from icl.orchestrator.supervisor import ProcessSupervisor, ServerStartError, http_ok
+from icl.orchestrator.tritonserver import free_port
 
 # Components that otherwise advertise (and some bind) the machine's first network address.
 _COMPONENTS = (
@@ -36,23 +33,45 @@ _COMPONENTS = (
 )
 
 
-class MilvusLaunchError(RuntimeError):
+class MilvusLaunchError(ServerStartError):
     """The Milvus server did not become healthy; the message has the log's tail."""
 
 
 @dataclass
 class MilvusServer:
-    """A Milvus standalone process whose data lives under `data_dir`. Call stop() when done."""
+    """A Milvus standalone process whose data lives under `data_dir`. Call stop() when done.
+
+    If it dies on its own it is reaped at once; `running` turns False and `returncode` says
+    how it ended.
+    """
 
     data_dir: Path
     port: int = 0
     startup_timeout_s: float = 120.0
-    process: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
+    _supervisor: ProcessSupervisor | None = field(default=None, init=False, repr=False)
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The server process, from start() until stop()."""
+        return self._supervisor.process if self._supervisor is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._supervisor is not None and self._supervisor.running
+
+    @property
+    def returncode(self) -> int | None:
+        """How the last run ended (negative: killed by that signal); None while running."""
+        return self._supervisor.returncode if self._supervisor is not None else None
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the server has exited; its return code, or None."""
+        return self._supervisor.wait(timeout_s) if self._supervisor is not None else None
 
     @property
     def log_path(self) -> Path:
@@ -84,22 +103,21 @@ class MilvusServer:
                 p for p in (str(bin_dir), env.get("LD_LIBRARY_PATH")) if p
             ),
         )
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [str(bin_dir / "milvus"), "run", "standalone"],
-                cwd=self.data_dir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
+        self._supervisor = ProcessSupervisor(
+            "milvus",
+            [str(bin_dir / "milvus"), "run", "standalone"],
+            self.log_path,
+            env=env,
+            cwd=self.data_dir,
+        )
+        healthz = f"http://127.0.0.1:{self.metrics_port}/healthz"
+        self._supervisor.start(
+            lambda: http_ok(healthz, expect=b"OK"),
+            self.startup_timeout_s,
+            interval_s=0.2,
+            error=MilvusLaunchError,
+            summary=self.log_tail,
+        )
         return self
 
     def _resolved_config(self, config_class: type) -> Any:
@@ -146,26 +164,6 @@ class MilvusServer:
         assert head in text, "unexpected milvus.yaml template"
         milvus_yaml.write_text(text.replace(head, f"{head}  config:\n    path: {etcd}\n", 1))
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        url = f"http://127.0.0.1:{self.metrics_port}/healthz"
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise MilvusLaunchError(
-                    f"milvus exited with code {self.process.returncode}: {self.log_tail()}"
-                )
-            with (
-                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
-                urllib.request.urlopen(url, timeout=1) as response,
-            ):
-                if b"OK" in response.read():
-                    return
-            time.sleep(0.2)
-        raise MilvusLaunchError(
-            f"milvus not healthy after {self.startup_timeout_s:.0f}s: {self.log_tail()}"
-        )
-
     def log_tail(self, lines: int = 5) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -174,18 +172,10 @@ class MilvusServer:
         return " | ".join(text.strip().splitlines()[-lines:]) + f" (full log: {self.log_path})"
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # flushes and closes etcd cleanly
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        """SIGTERM (flushes and closes etcd cleanly), SIGKILL after timeout_s; a no-op once
+        the server is gone."""
+        if self._supervisor is not None:
+            self._supervisor.stop(timeout_s)
 
     def __enter__(self) -> MilvusServer:
         return self.start()

@@ -6,32 +6,29 @@ needs. Three details make it work from a virtualenv (docs/serving.md):
   into the wheel keeps working);
 - the stub must run this interpreter's environment: the venv's `bin` goes first on PATH;
 - the stub must load this interpreter's libpython: its LIBDIR goes first on LD_LIBRARY_PATH.
-Each launch uses its own shared-memory prefix, so stopping a server removes exactly the
-/dev/shm regions it created, even after a crash.
+Each launch uses its own shared-memory prefix, so the regions a server created in /dev/shm
+are removed exactly, when it stops or dies. The process itself is run by
+`orchestrator/supervisor.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from icl.orchestrator.supervisor import ProcessSupervisor, ServerStartError, http_ok
+
 _LOAD_FAILURE_MARKERS = ("failed to load", "Invalid argument", "error:", "unexpected")
 
 
-class TritonLaunchError(RuntimeError):
+class TritonLaunchError(ServerStartError):
     """tritonserver did not become ready; the message names the failing models."""
 
 
@@ -67,16 +64,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the launching process dies (Linux).
-
-    So a launcher killed with SIGKILL does not leave a tritonserver behind.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _environment() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -87,7 +74,11 @@ def _environment() -> dict[str, str]:
 
 @dataclass
 class TritonServer:
-    """A tritonserver process on loopback ports. Use as a context manager or call stop()."""
+    """A tritonserver process on loopback ports. Use as a context manager or call stop().
+
+    If the server dies on its own, its stubs and shared memory are cleaned up at once;
+    `running` turns False and `returncode` says how it ended.
+    """
 
     model_repository: Path
     log_path: Path
@@ -95,7 +86,7 @@ class TritonServer:
     http_port: int = 0
     startup_timeout_s: float = 120.0
     shm_prefix: str = field(default_factory=lambda: f"icl_{uuid.uuid4().hex[:12]}_")
-    process: subprocess.Popen[bytes] | None = None
+    _supervisor: ProcessSupervisor | None = field(default=None, init=False, repr=False)
 
     @property
     def grpc_url(self) -> str:
@@ -104,6 +95,24 @@ class TritonServer:
     @property
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The server process, from start() until stop()."""
+        return self._supervisor.process if self._supervisor is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._supervisor is not None and self._supervisor.running
+
+    @property
+    def returncode(self) -> int | None:
+        """How the last run ended (negative: killed by that signal); None while running."""
+        return self._supervisor.returncode if self._supervisor is not None else None
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the server has exited and was cleaned up; its return code, or None."""
+        return self._supervisor.wait(timeout_s) if self._supervisor is not None else None
 
     def command(self) -> list[str]:
         backends = ensure_python_backend()
@@ -128,43 +137,22 @@ class TritonServer:
             raise TritonLaunchError(f"{self.model_repository} holds no text_encoder model")
         self.grpc_port = self.grpc_port or free_port()
         self.http_port = self.http_port or free_port()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_environment(),
-                start_new_session=True,  # its own process group: stop() reaches the stubs too
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        url = f"http://{self.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise TritonLaunchError(
-                    f"tritonserver exited with code {self.process.returncode} while loading "
-                    f"{self.model_repository}: {self.failure_summary()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.1)
-        raise TritonLaunchError(
-            f"tritonserver not ready after {self.startup_timeout_s:.0f}s: {self.failure_summary()}"
+        self._supervisor = ProcessSupervisor(
+            "tritonserver",
+            self.command(),
+            self.log_path,
+            env=_environment(),
+            on_exit=[lambda _code: self._remove_shm_regions()],
         )
+        ready_url = f"http://{self.http_url}/v2/health/ready"
+        self._supervisor.start(
+            lambda: http_ok(ready_url),
+            self.startup_timeout_s,
+            error=TritonLaunchError,
+            summary=self.failure_summary,
+            context=f"while loading {self.model_repository}",
+        )
+        return self
 
     def log_text(self) -> str:
         try:
@@ -180,21 +168,15 @@ class TritonServer:
         picked = bad[:6] or lines[-6:]
         return " | ".join(picked) + f" (full log: {self.log_path})"
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if proc is not None:
-            # Stub processes share the group: make sure none outlives the server.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    def _remove_shm_regions(self) -> None:
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop the server and its stubs, remove its shared memory; a no-op once it is gone."""
+        if self._supervisor is not None:
+            self._supervisor.stop(timeout_s)
+        self._remove_shm_regions()  # also after a crash of the launcher that started it
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -132,3 +132,35 @@ def start_milvus_server(data_dir: Path):
     from icl.orchestrator.milvus_server import MilvusServer
 
     return MilvusServer(data_dir).start()
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of pid from /proc (R, S, Z for a zombie, ...); None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group pgid."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def wait_until(condition, timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll condition() until it is true or timeout_s passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True

@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,14 @@ from icl.orchestrator import gallery as gallery_module
 from icl.orchestrator.gallery import QUERY_PAGE, GalleryError, MilvusGallery, filter_expression
 from icl.orchestrator.milvus_server import MilvusServer
 from icl.ports import GalleryFilter, GalleryRecord
-from tests.helpers import gallery_records, start_milvus_server, unit_vectors
+from tests.helpers import (
+    gallery_records,
+    group_members,
+    proc_state,
+    start_milvus_server,
+    unit_vectors,
+    wait_until,
+)
 
 DIM = 32
 _names = itertools.count()
@@ -359,6 +368,23 @@ def test_restart_keeps_rows(backend, tmp_path):
         assert g.get_vqa(["r00001"], "m@1") == {"r00001": ["a"]}
     finally:
         g.close()
+
+
+def test_a_killed_server_is_reaped_at_once(tmp_path):
+    """Defect: a SIGKILLed server stayed a zombie of the launching process until stop()."""
+    server = start_milvus_server(tmp_path / "milvus")
+    try:
+        assert server.process is not None
+        pid = server.process.pid
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: proc_state(pid) is None, 5), f"pid {pid}: {proc_state(pid)}"
+        with pytest.raises(ChildProcessError):  # reaped, not a zombie waiting for us
+            os.waitpid(pid, os.WNOHANG)
+        assert wait_until(lambda: not group_members(pid), 5)
+        assert not server.running and server.returncode == -signal.SIGKILL
+    finally:
+        server.stop()  # a no-op after the death: it does not raise
+    assert server.process is None
 
 
 def test_lite_flushes_pending_rows_and_stays_exact(tmp_path, monkeypatch):

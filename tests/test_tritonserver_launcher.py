@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from icl.export.repository import write_gpu_repository
 from icl.orchestrator.tritonserver import TritonLaunchError
-from tests.helpers import start_triton
+from tests.helpers import group_members, proc_state, start_triton, wait_until
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -105,3 +107,78 @@ def test_server_dies_with_a_killed_launcher(model_repository, tmp_path):
         launcher.kill()
         for region in Path("/dev/shm").glob(f"{prefix}*") if prefix else ():
             region.unlink(missing_ok=True)
+
+
+def _shm_regions(prefix: str) -> list[Path]:
+    return list(Path("/dev/shm").glob(f"{prefix}*"))
+
+
+def test_a_killed_server_is_reaped_and_cleaned_up_at_once(model_repository, tmp_path):
+    """Defect: a SIGKILLed tritonserver stayed a zombie of the launching process, and its
+    python-backend stubs and /dev/shm regions stayed alive until that process exited."""
+    server = start_triton(model_repository, tmp_path / "log")
+    assert server.process is not None
+    pid = server.process.pid
+    stubs = [p for p in group_members(pid) if p != pid]
+    assert stubs, "no python-backend stub runs in the server's process group"
+    assert _shm_regions(server.shm_prefix), "the stubs created no shared memory"
+
+    os.kill(pid, signal.SIGKILL)
+    began = time.monotonic()
+    assert wait_until(lambda: proc_state(pid) is None, 5), f"pid {pid}: {proc_state(pid)}"
+    with pytest.raises(ChildProcessError):  # reaped, not a zombie waiting for us
+        os.waitpid(pid, os.WNOHANG)
+    assert wait_until(lambda: not group_members(pid), 5), f"alive: {group_members(pid)}"
+    assert all(proc_state(p) in (None, "Z") for p in stubs)
+    assert wait_until(lambda: not _shm_regions(server.shm_prefix), 5)
+    assert time.monotonic() - began < 5
+    assert not server.running and server.returncode == -signal.SIGKILL
+    server.stop()  # a no-op now: it does not raise
+    assert server.process is None and server.returncode == -signal.SIGKILL
+
+
+def test_icl_triton_exits_with_one_line_when_the_server_dies(model_repository, tmp_path):
+    """`icl triton` tells that tritonserver died and exits, instead of waiting forever."""
+    log = tmp_path / "server.log"
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "icl.cli",
+            "triton",
+            "--model-repository",
+            str(model_repository),
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--log-file",
+            str(log),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "tritonserver ready" in cli.stdout.readline()
+        os.kill(_pgid_of_child(cli.pid), signal.SIGKILL)  # the server leads its group
+        _, stderr = cli.communicate(timeout=20)
+    finally:
+        cli.kill()
+        cli.wait()
+    assert cli.returncode == 2
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "tritonserver died (exit code -9)" in lines[0], stderr
+    assert str(log) in lines[0]
+
+
+def _pgid_of_child(ppid: int) -> int:
+    """The process group of ppid's one child (the supervised server leads its own group)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == ppid:
+            return int(fields[2])
+    raise AssertionError(f"process {ppid} has no child")
