@@ -182,8 +182,8 @@ async def _enrol(
 
     from icl.images import decode_crop
     from icl.orchestrator.client import channel_options, enroll
-    from icl.orchestrator.encoders import TritonEncoders
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
+    from icl.orchestrator.triton.encoders import TritonEncoders
     from icl.orchestrator.tritonserver import TritonServer
     from icl.reid.v1 import person_search_pb2 as pb
     from icl.reid.v1 import person_search_pb2_grpc as pb_grpc

@@ -292,9 +292,9 @@ def serve(
 
 
 async def _start_or_fail(orchestrator: Any) -> None:
-    from icl.mllm.triton_client import MllmError
-    from icl.orchestrator.encoders import EncoderUnavailable
     from icl.orchestrator.gallery import GalleryError
+    from icl.orchestrator.triton.encoders import EncoderUnavailable
+    from icl.orchestrator.triton.mllm import MllmError
 
     try:
         await orchestrator.start()

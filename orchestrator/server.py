@@ -27,7 +27,6 @@ from icl.mllm.contract import Mllm
 from icl.orchestrator import validation as v
 from icl.orchestrator.client import MAX_MESSAGE_BYTES, timestamp
 from icl.orchestrator.crops import CropStore
-from icl.orchestrator.encoders import EncoderUnavailable, TritonEncoders
 from icl.orchestrator.gallery import (
     FILTERED_SEARCH_EF,
     SEARCH_EF,
@@ -36,6 +35,7 @@ from icl.orchestrator.gallery import (
     is_local_uri,
 )
 from icl.orchestrator.thi_search import ThiSearchResult, thi_search
+from icl.orchestrator.triton.encoders import EncoderUnavailable, TritonEncoders
 from icl.ports import GalleryHit, GalleryRecord
 from icl.reid.v1 import person_search_pb2 as pb
 from icl.thi.engine import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_XI, ThiParams
@@ -425,7 +425,7 @@ class Orchestrator:
         crops = await asyncio.to_thread(CropStore, Path(crop_dir))
         mllm = None
         if cfg.mllm_model:
-            from icl.mllm.triton_client import TritonMllm
+            from icl.orchestrator.triton.mllm import TritonMllm
 
             # Each search bounds its own wait (mllm_timeout_s); the client's timeout only
             # catches a wedged connection.
