@@ -252,6 +252,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    health_poll_s: Annotated[
+        float,
+        typer.Option(
+            min=0.05,
+            envvar="ICL_HEALTH_POLL_S",
+            help="Seconds between checks of Triton and Milvus (gRPC health follows them).",
+        ),
+    ] = 1.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus."""
@@ -275,6 +283,7 @@ def serve(
         thi_walk=thi_walk,
         search_ef=search_ef,
         filtered_search_ef=filtered_search_ef,
+        health_poll_s=health_poll_s,
     )
 
     async def run() -> None:

@@ -8,6 +8,7 @@ the generic INTERNAL that a failing deserializer produces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -71,6 +72,9 @@ class OrchestratorConfig:
     # docs/gallery.md.
     search_ef: int | None = None
     filtered_search_ef: int | None = None
+    # Health: how often the service re-checks Triton's models and Milvus; gRPC health says
+    # NOT_SERVING while any of them is not ready, and SERVING again once all are.
+    health_poll_s: float = 1.0
 
     def __repr__(self) -> str:  # keep the token out of every log line and traceback
         return (
@@ -399,6 +403,8 @@ class Orchestrator:
         self._service: PersonSearchService | None = None
         self._encoders: TritonEncoders | None = None
         self._mllm: Any = None
+        self._health: health.aio.HealthServicer | None = None
+        self._monitor: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -452,15 +458,63 @@ class Orchestrator:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         await server.start()
         self._server = server
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health = health_servicer
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._monitor = asyncio.create_task(self._watch_dependencies(), name="health-monitor")
         log.info("PersonSearch listening on %s (%s)", self.address, cfg)
+
+    async def _set_health(self, status: int) -> None:
+        assert self._health is not None
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def unready_dependencies(self) -> list[str]:
+        """The dependencies that cannot serve right now (empty: all can)."""
+        assert self._encoders is not None and self._service is not None
+        gallery = self._service.gallery
+        checks: dict[str, Awaitable[bool]] = {
+            "Triton text_encoder/image_encoder": self._encoders.ready(),
+            "Milvus": asyncio.to_thread(gallery.reachable),
+        }
+        if self._mllm is not None:
+            checks[f"Triton {self._mllm.model}"] = self._mllm.ready()
+        results = await asyncio.gather(*checks.values(), return_exceptions=True)
+        return [name for name, ok in zip(checks, results, strict=True) if ok is not True]
+
+    async def _watch_dependencies(self) -> None:
+        """Health follows the dependencies: NOT_SERVING while one is down, SERVING when back.
+
+        Without this, health said SERVING through a Triton outage while every call failed."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.config.health_poll_s)
+            try:
+                down = await self.unready_dependencies()
+            except Exception:  # the monitor must outlive any one failed check
+                log.exception("health check failed")
+                down = ["health check"]
+            if bool(down) == serving:
+                serving = not down
+                if down:
+                    log.warning("NOT_SERVING: not ready: %s", ", ".join(down))
+                    await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                else:
+                    log.info("SERVING: Triton and Milvus are ready again")
+                    await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def wait(self) -> None:
         assert self._server is not None
         await self._server.wait_for_termination()
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self._health is not None:
+            # NOT_SERVING (for good) before the port closes: balancers and watchers learn of
+            # the shutdown while in-flight calls still drain.
+            await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace_s)
         if self._service is not None:

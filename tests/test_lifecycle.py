@@ -1,0 +1,119 @@
+"""The service's life around its dependencies and its shutdown, against the real processes:
+`icl serve` in its own process, a real tritonserver (CPU) that a test may stop and start
+again, Milvus Lite, and gRPC health as a load balancer or Kubernetes would read it."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from icl.orchestrator.client import search_request
+from icl.orchestrator.server import SERVICE_NAME
+from icl.orchestrator.tritonserver import TritonServer
+from icl.reid.v1 import person_search_pb2 as pb
+from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
+from icl.synthetic.demo_gallery import demo_gallery, demo_queries
+from tests.helpers import enroll_all, gallery_images, start_orchestrator, start_triton
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+QUERY = demo_queries(seed=3, count=1)[0]
+
+
+@pytest.fixture(scope="module")
+def own_triton(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """A tritonserver of this module's own, which tests may stop and start again."""
+    repo = tmp_path_factory.mktemp("lifecycle_repository")
+    for model in ("text_encoder", "image_encoder"):
+        shutil.copytree(model_repository / model, repo / model)
+    server = start_triton(repo, tmp_path_factory.mktemp("lifecycle_triton") / "server.log")
+    yield server
+    server.stop()
+
+
+def _status(health: health_pb2_grpc.HealthStub, service: str) -> int | None:
+    try:
+        return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+    except grpc.RpcError:
+        return None
+
+
+def _wait_for_status(health: health_pb2_grpc.HealthStub, want: int, within_s: float) -> float:
+    """Seconds until both the server ("") and PersonSearch report `want`."""
+    start = time.monotonic()
+    while time.monotonic() - start < within_s:
+        if all(_status(health, s) == want for s in ("", SERVICE_NAME)):
+            return time.monotonic() - start
+        time.sleep(0.1)
+    got = {s or '""': _status(health, s) for s in ("", SERVICE_NAME)}
+    raise AssertionError(f"health not {want} within {within_s} s: {got}")
+
+
+def test_health_follows_a_triton_outage(own_triton: TritonServer, tmp_path: Path) -> None:
+    running = start_orchestrator(own_triton.grpc_url, tmp_path / "gallery.db", tmp_path / "log")
+    try:
+        with running.channel() as channel:
+            stub = pb_grpc.PersonSearchStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            enroll_all(stub, gallery_images(demo_gallery(8, seed=3)))
+            own_triton.stop()  # the outage
+            assert _wait_for_status(health, NOT_SERVING, 10) < 5
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Search(search_request(QUERY, top_k=3), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            own_triton.start()  # back on the same address and ports
+            assert _wait_for_status(health, SERVING, 10) < 5  # the service was not restarted
+            reply = stub.Search(search_request(QUERY, top_k=3), timeout=30)
+            assert len(reply.hits) == 3
+        assert running.process.poll() is None
+    finally:
+        running.stop()
+        if own_triton.process is None:  # a failed assertion above: leave it running
+            own_triton.start()
+
+
+def test_sigterm_reports_not_serving_before_the_port_closes(triton, tmp_path: Path) -> None:
+    running = start_orchestrator(triton.grpc_url, tmp_path / "gallery.db", tmp_path / "log")
+    images = gallery_images(demo_gallery(8, seed=4))
+    sent, release = threading.Event(), threading.Event()
+    results: list[pb.EnrollResult] = []
+
+    def batches() -> Iterator[pb.EnrollRequest]:
+        yield pb.EnrollRequest(images=images[:4])
+        sent.set()
+        release.wait(20)  # the stream stays open: a call in flight when SIGTERM comes
+        yield pb.EnrollRequest(images=images[4:])
+
+    try:
+        with running.channel() as channel:
+            stub = pb_grpc.PersonSearchStub(channel)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30
+            )
+            assert next(watch).status == SERVING
+            enroll = threading.Thread(target=lambda: results.extend(enroll_all_of(stub, batches())))
+            enroll.start()
+            assert sent.wait(10)
+            running.process.send_signal(signal.SIGTERM)
+            assert next(watch).status == NOT_SERVING
+            assert running.process.poll() is None  # still draining the Enroll stream
+            release.set()
+            enroll.join(30)
+        assert [r.status for r in results] == [pb.EnrollResult.ACCEPTED] * len(images)
+    finally:
+        release.set()
+        running.stop()
+
+
+def enroll_all_of(stub: pb_grpc.PersonSearchStub, requests) -> list[pb.EnrollResult]:
+    return [r for response in stub.Enroll(requests, timeout=30) for r in response.results]
