@@ -4,6 +4,7 @@ again, Milvus Lite, and gRPC health as a load balancer or Kubernetes would read 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import threading
@@ -15,8 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from icl.export.mllm_repository import write_mllm_model
 from icl.orchestrator.client import search_request
 from icl.orchestrator.server import SERVICE_NAME
+from icl.orchestrator.triton.mllm import TritonMllm
 from icl.orchestrator.tritonserver import TritonServer
 from icl.reid.v1 import person_search_pb2 as pb
 from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
@@ -26,16 +29,20 @@ from tests.helpers import enroll_all, gallery_images, start_orchestrator, start_
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 QUERY = demo_queries(seed=3, count=1)[0]
+SLOW_MLLM = "mllm_slow"
+MLLM_DELAY_S = 7.0  # every call of the slow MLLM takes this long (the demo model's test hook)
 
 
 @pytest.fixture(scope="module")
 def own_triton(
     model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TritonServer]:
-    """A tritonserver of this module's own, which tests may stop and start again."""
+    """A tritonserver of this module's own, which tests may stop and start again; it also
+    serves a slow MLLM: the demo model answering every call after MLLM_DELAY_S."""
     repo = tmp_path_factory.mktemp("lifecycle_repository")
     for model in ("text_encoder", "image_encoder"):
         shutil.copytree(model_repository / model, repo / model)
+    write_mllm_model(repo, "demo", None, name=SLOW_MLLM, options={"delay_s": MLLM_DELAY_S})
     server = start_triton(repo, tmp_path_factory.mktemp("lifecycle_triton") / "server.log")
     yield server
     server.stop()
@@ -117,3 +124,43 @@ def test_sigterm_reports_not_serving_before_the_port_closes(triton, tmp_path: Pa
 
 def enroll_all_of(stub: pb_grpc.PersonSearchStub, requests) -> list[pb.EnrollResult]:
     return [r for response in stub.Enroll(requests, timeout=30) for r in response.results]
+
+
+def _thi_request(**thi: float) -> pb.SearchRequest:
+    request = search_request(QUERY, top_k=5)
+    request.thi.enabled = True
+    for key, value in thi.items():
+        setattr(request.thi, key, value)
+    return request
+
+
+def test_a_thi_search_that_gives_up_cancels_its_mllm_request(
+    own_triton: TritonServer, tmp_path: Path
+) -> None:
+    async def direct_call() -> float:
+        # `info` needs no backend work: it waits only for what the instance is still doing.
+        client = TritonMllm(own_triton.grpc_url, SLOW_MLLM, timeout_s=30)
+        try:
+            start = time.monotonic()
+            await client.start()
+            return time.monotonic() - start
+        finally:
+            await client.close()
+
+    running = start_orchestrator(
+        own_triton.grpc_url,
+        tmp_path / "gallery.db",
+        tmp_path / "log",
+        ICL_MLLM_MODEL=SLOW_MLLM,
+        ICL_MLLM_TIMEOUT="1.5",
+    )
+    try:
+        with running.channel() as channel:
+            stub = pb_grpc.PersonSearchStub(channel)
+            enroll_all(stub, gallery_images(demo_gallery(12, seed=6)))
+            reply = stub.Search(_thi_request(), timeout=30)
+        assert "did not answer" in reply.thi_trace.fallback_reason
+        # Before: the abandoned score call ran on (about 5.5 s more) in the model's instance.
+        assert asyncio.run(direct_call()) < 2.0
+    finally:
+        running.stop()

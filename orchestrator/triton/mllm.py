@@ -144,6 +144,8 @@ class TritonMllm:
         except InferenceServerException as exc:
             raise MllmUnavailable(f"{self.model} at {self.url}: {exc.message()}") from None
         finally:
+            # Also when the caller gave up (timeout, cancelled task): Triton then flags the
+            # request cancelled and the `mllm` model stops working on it.
             responses.cancel()
 
     async def _request(self, task: str, *, timeout_s: float, **kwargs: Any) -> list[Any]:
