@@ -260,6 +260,15 @@ def serve(
             help="Seconds between checks of Triton and Milvus (gRPC health follows them).",
         ),
     ] = 1.0,
+    grace_s: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            envvar="ICL_GRACE_S",
+            help="On SIGTERM, seconds in-flight calls (THI searches, Enroll streams) may take "
+            "to finish.",
+        ),
+    ] = 30.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus."""
@@ -284,6 +293,7 @@ def serve(
         search_ef=search_ef,
         filtered_search_ef=filtered_search_ef,
         health_poll_s=health_poll_s,
+        grace_s=grace_s,
     )
 
     async def run() -> None:

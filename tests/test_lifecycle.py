@@ -164,3 +164,69 @@ def test_a_thi_search_that_gives_up_cancels_its_mllm_request(
         assert asyncio.run(direct_call()) < 2.0
     finally:
         running.stop()
+
+
+def test_sigterm_drains_thi_searches_and_enroll_streams(
+    own_triton: TritonServer, tmp_path: Path
+) -> None:
+    grace_s = 25.0
+    running = start_orchestrator(
+        own_triton.grpc_url,
+        tmp_path / "gallery.db",
+        tmp_path / "log",
+        ICL_MLLM_MODEL=SLOW_MLLM,
+        ICL_MLLM_TIMEOUT="60",
+        ICL_GRACE_S=str(grace_s),
+    )
+    images = gallery_images(demo_gallery(20, seed=7))
+    streaming = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def batches() -> Iterator[pb.EnrollRequest]:
+        for i in range(12, 20, 2):  # 4 batches over about 6 s: still open after 5 s
+            yield pb.EnrollRequest(images=images[i : i + 2])
+            streaming.set()
+            time.sleep(1.5)
+
+    def call(name: str, fn) -> None:
+        try:
+            outcome[name] = fn()
+        except grpc.RpcError as exc:
+            outcome[name] = exc
+
+    try:
+        with running.channel() as channel:
+            stub = pb_grpc.PersonSearchStub(channel)
+            enroll_all(stub, images[:12])
+            # xi -1: rank 1 is scored (one 7 s MLLM call), then the VQA if it says Yes.
+            thi = threading.Thread(
+                target=call, args=("thi", lambda: stub.Search(_thi_request(xi=-1.0), timeout=60))
+            )
+            enroll = threading.Thread(
+                target=call, args=("enroll", lambda: enroll_all_of(stub, batches()))
+            )
+            thi.start()
+            enroll.start()
+            assert streaming.wait(10)
+            time.sleep(1.0)  # the search is waiting on the MLLM
+            sigterm_at = time.monotonic()
+            running.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with running.channel() as fresh, pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.PersonSearchStub(fresh).Search(search_request(QUERY, top_k=3), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            thi.join(60)
+            enroll.join(60)
+        running.process.wait(timeout=grace_s + 10)
+        took = time.monotonic() - sigterm_at
+    finally:
+        running.stop()
+    reply, results = outcome["thi"], outcome["enroll"]
+    assert isinstance(reply, pb.SearchResponse), reply
+    assert reply.thi_trace.mllm_calls >= 1
+    assert "did not answer" not in reply.thi_trace.fallback_reason
+    assert len(reply.hits) == 5
+    assert isinstance(results, list), results
+    assert [r.status for r in results] == [pb.EnrollResult.ACCEPTED] * 8
+    assert running.process.returncode == 0
+    assert took < grace_s, took
