@@ -184,8 +184,8 @@ async def _enrol(
 
     from icl.cli.demo import demo_enroll_item
     from icl.images import decode_crop
-    from icl.orchestrator.encoders import TritonEncoders
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
+    from icl.orchestrator.triton.encoders import TritonEncoders
     from icl.orchestrator.tritonserver import TritonServer
     from icl.synthetic.demo_gallery import demo_gallery
     from icl_api import pb, pb_grpc

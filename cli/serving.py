@@ -120,6 +120,23 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    health_poll_s: Annotated[
+        float,
+        typer.Option(
+            min=0.05,
+            envvar="ICL_HEALTH_POLL_S",
+            help="Seconds between checks of Triton and Milvus (gRPC health follows them).",
+        ),
+    ] = 1.0,
+    grace_s: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            envvar="ICL_GRACE_S",
+            help="On SIGTERM, seconds in-flight calls (THI searches, Enroll streams) may take "
+            "to finish.",
+        ),
+    ] = 30.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus."""
@@ -143,6 +160,8 @@ def serve(
         thi_walk=thi_walk,
         search_ef=search_ef,
         filtered_search_ef=filtered_search_ef,
+        health_poll_s=health_poll_s,
+        grace_s=grace_s,
     )
 
     async def run() -> None:
@@ -160,9 +179,9 @@ def serve(
 
 
 async def start_or_fail(orchestrator: Any) -> None:
-    from icl.mllm.triton_client import MllmError
-    from icl.orchestrator.encoders import EncoderUnavailable
     from icl.orchestrator.gallery import GalleryError
+    from icl.orchestrator.triton.encoders import EncoderUnavailable
+    from icl.orchestrator.triton.mllm import MllmError
 
     try:
         await orchestrator.start()

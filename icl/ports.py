@@ -1,7 +1,7 @@
 """The small interfaces that search, enrolment and THI depend on.
 
-Adapters implement them: Triton (orchestrator/encoders.py), Milvus (orchestrator/gallery.py),
-and in-process onnxruntime/torch for offline evaluation.
+Adapters implement them: Triton (orchestrator/triton/encoders.py), Milvus
+(orchestrator/gallery.py), and in-process onnxruntime/torch for offline evaluation.
 """
 
 from __future__ import annotations

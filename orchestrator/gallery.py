@@ -467,6 +467,13 @@ class MilvusGallery:
         )
         return int(rows[0]["count(*)"])
 
+    def reachable(self, timeout_s: float = 2.0) -> bool:
+        """Whether Milvus answers and still has the collection (the service's health)."""
+        try:
+            return bool(self._client.has_collection(self.collection, timeout=timeout_s))
+        except MilvusException:
+            return False
+
     def close(self) -> None:
         self._client.close()
 

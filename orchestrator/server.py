@@ -8,9 +8,10 @@ the generic INTERNAL that a failing deserializer produces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ from icl.images import ImageRejected, decode_crop
 from icl.mllm.contract import Mllm
 from icl.orchestrator import validation as v
 from icl.orchestrator.crops import CropStore
-from icl.orchestrator.encoders import EncoderUnavailable, TritonEncoders
 from icl.orchestrator.gallery import (
     FILTERED_SEARCH_EF,
     SEARCH_EF,
@@ -35,6 +35,7 @@ from icl.orchestrator.gallery import (
 )
 from icl.orchestrator.reflection import enable_reflection
 from icl.orchestrator.thi_search import ThiSearchResult, thi_search
+from icl.orchestrator.triton.encoders import EncoderUnavailable, TritonEncoders
 from icl.ports import GalleryHit, GalleryRecord
 from icl.thi.engine import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_XI, ThiParams
 from icl_api import pb
@@ -71,6 +72,12 @@ class OrchestratorConfig:
     # docs/gallery.md.
     search_ef: int | None = None
     filtered_search_ef: int | None = None
+    # Health: how often the service re-checks Triton's models and Milvus; gRPC health says
+    # NOT_SERVING while any of them is not ready, and SERVING again once all are.
+    health_poll_s: float = 1.0
+    # SIGTERM: how long in-flight calls (THI searches, Enroll streams) may take to finish
+    # before they are cut.
+    grace_s: float = 30.0
 
     def __repr__(self) -> str:  # keep the token out of every log line and traceback
         return (
@@ -389,6 +396,63 @@ def _generic_handler(service: PersonSearchService) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
+class _CallTracker(grpc.aio.ServerInterceptor):
+    """Counts the PersonSearch calls in flight, so shutdown waits for exactly those: health
+    Watch streams never end by themselves and would hold the server for the whole grace."""
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drained(self) -> None:
+        await self._idle.wait()
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def tracked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._tracked():
+                    return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(tracked_unary, **codec)
+        if handler.stream_stream is not None:
+            stream = handler.stream_stream
+
+            async def tracked_stream(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                with self._tracked():
+                    async for response in stream(requests, context):
+                        yield response
+
+            return grpc.stream_stream_rpc_method_handler(tracked_stream, **codec)
+        return handler
+
+
 class Orchestrator:
     """The running service: Triton encoders + Milvus gallery + gRPC server with health."""
 
@@ -399,6 +463,9 @@ class Orchestrator:
         self._service: PersonSearchService | None = None
         self._encoders: TritonEncoders | None = None
         self._mllm: Any = None
+        self._health: health.aio.HealthServicer | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._calls = _CallTracker()
 
     @property
     def address(self) -> str:
@@ -425,7 +492,7 @@ class Orchestrator:
         crops = await asyncio.to_thread(CropStore, Path(crop_dir))
         mllm = None
         if cfg.mllm_model:
-            from icl.mllm.triton_client import TritonMllm
+            from icl.orchestrator.triton.mllm import TritonMllm
 
             # Each search bounds its own wait (mllm_timeout_s); the client's timeout only
             # catches a wedged connection.
@@ -436,10 +503,11 @@ class Orchestrator:
             self._encoders, gallery, crops, mllm, cfg.mllm_timeout_s, cfg.thi_schedule, cfg.thi_walk
         )
         server = grpc.aio.server(
+            interceptors=[self._calls],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ]
+            ],
         )
         server.add_generic_rpc_handlers((_generic_handler(self._service),))
         health_servicer = health.aio.HealthServicer()
@@ -450,17 +518,76 @@ class Orchestrator:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         await server.start()
         self._server = server
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health = health_servicer
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._monitor = asyncio.create_task(self._watch_dependencies(), name="health-monitor")
         log.info("PersonSearch listening on %s (%s)", self.address, cfg)
+
+    async def _set_health(self, status: int) -> None:
+        assert self._health is not None
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def unready_dependencies(self) -> list[str]:
+        """The dependencies that cannot serve right now (empty: all can)."""
+        assert self._encoders is not None and self._service is not None
+        gallery = self._service.gallery
+        checks: dict[str, Awaitable[bool]] = {
+            "Triton text_encoder/image_encoder": self._encoders.ready(),
+            "Milvus": asyncio.to_thread(gallery.reachable),
+        }
+        if self._mllm is not None:
+            checks[f"Triton {self._mllm.model}"] = self._mllm.ready()
+        results = await asyncio.gather(*checks.values(), return_exceptions=True)
+        return [name for name, ok in zip(checks, results, strict=True) if ok is not True]
+
+    async def _watch_dependencies(self) -> None:
+        """Health follows the dependencies: NOT_SERVING while one is down, SERVING when back.
+
+        Without this, health said SERVING through a Triton outage while every call failed."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.config.health_poll_s)
+            try:
+                down = await self.unready_dependencies()
+            except Exception:  # the monitor must outlive any one failed check
+                log.exception("health check failed")
+                down = ["health check"]
+            if bool(down) == serving:
+                serving = not down
+                if down:
+                    log.warning("NOT_SERVING: not ready: %s", ", ".join(down))
+                    await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                else:
+                    log.info("SERVING: Triton and Milvus are ready again")
+                    await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def wait(self) -> None:
         assert self._server is not None
         await self._server.wait_for_termination()
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish within `grace_s`
+        (default: the config's), then close the clients."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self._health is not None:
+            # NOT_SERVING (for good) before the port closes: balancers and watchers learn of
+            # the shutdown while in-flight calls still drain.
+            await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace_s)
+            stopping = asyncio.create_task(self._server.stop(grace))
+            # A call accepted just before gets dispatched, and watchers get NOT_SERVING.
+            await asyncio.sleep(0.1)
+            drained = asyncio.create_task(self._calls.drained())
+            await asyncio.wait({stopping, drained}, return_when=asyncio.FIRST_COMPLETED)
+            drained.cancel()
+            if not stopping.done():  # every PersonSearch call is done: end the Watch streams
+                await self._server.stop(None)
+            await stopping
         if self._service is not None:
             self._service.close()
             self._service.gallery.close()

@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2
 
 from icl.export.mllm_repository import render_mllm_config, write_mllm_model
 from icl.mllm.qwen2vl import Qwen2VLBackend
-from icl.mllm.triton_client import MllmRequestError, MllmUnavailable, TritonMllm, encode_png
+from icl.orchestrator.triton.mllm import MllmRequestError, MllmUnavailable, TritonMllm, encode_png
 from icl.orchestrator.tritonserver import TritonServer, free_port
 from tests.helpers import start_triton
 from tests.test_mllm_qwen2vl import PROMPTS, build_tiny_qwen2vl, crops

@@ -86,6 +86,14 @@ def merge_answers(query: str, answers: Sequence[str]) -> str:
     return " ".join(parts)
 
 
+class MllmCancelled(Exception):
+    """Raised by a backend call whose `should_stop()` turned true: the caller gave up.
+
+    Backends that can stop between steps say so with `can_stop = True` and take a keyword
+    `should_stop` (a no-argument callable) in score() and generate(); the Triton `mllm` model
+    passes the request's cancellation flag, so an abandoned request frees the instance."""
+
+
 class MllmBackend(Protocol):
     """An in-process model behind the contract (synchronous; hosted by Triton's `mllm` model
     or wrapped by `icl.mllm.inprocess.InProcessMllm` for offline evaluation)."""
@@ -130,6 +138,7 @@ __all__ = [
     "VQA_QUESTIONS",
     "Mllm",
     "MllmBackend",
+    "MllmCancelled",
     "aggregate_prompt",
     "anchor_prompt",
     "merge_answers",

@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from icl.mllm.contract import VQA_PROMPT
+from icl.mllm.contract import VQA_PROMPT, MllmCancelled
 from icl.synthetic.schema import ATTRIBUTES
 from icl.text.tokenizer import VOCAB_SIZE, ClipTokenizer
 
@@ -209,6 +210,10 @@ class DemoMllm:
     """`MllmBackend` over the two networks. Thread-compatible (torch no_grad, eval mode)."""
 
     can_generate = False
+    can_stop = True  # score() and generate() take `should_stop` (icl.mllm.contract)
+    # Test hook: seconds every score/generate call waits before answering, in short steps that
+    # honour `should_stop`, to stand in for a slow VLM (option `delay_s` of the Triton model).
+    delay_s = 0.0
 
     def __init__(
         self,
@@ -255,7 +260,23 @@ class DemoMllm:
         return total
 
     # -- the contract ------------------------------------------------------------------------
-    def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
+    def _delay(self, should_stop: Callable[[], bool] | None) -> None:
+        end = time.monotonic() + self.delay_s
+        while True:
+            if should_stop is not None and should_stop():
+                raise MllmCancelled("the caller cancelled the request")
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.05))
+
+    def score(
+        self,
+        images: Sequence[np.ndarray],
+        prompts: Sequence[str],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[float]:
+        self._delay(should_stop)
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         if not images:
@@ -288,7 +309,14 @@ class DemoMllm:
             out.append(" ".join(sentences) if sentences else "Cannot tell.")
         return out
 
-    def generate(self, images: Sequence[np.ndarray], prompt: str, max_tokens: int = 256) -> str:
+    def generate(
+        self,
+        images: Sequence[np.ndarray],
+        prompt: str,
+        max_tokens: int = 256,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> str:
+        self._delay(should_stop)
         if prompt != VQA_PROMPT or len(images) != 1:
             raise ValueError(
                 "the demo model answers only THI's VQA prompt about one image "
@@ -341,11 +369,17 @@ def load_demo_mllm(path: Path) -> DemoMllm:
     )
 
 
-def load_demo_backend(path: str | Path | None = None) -> DemoMllm:
-    """A demo MLLM weights file; by default the committed one (icl/demo/mllm.pt)."""
+def load_demo_backend(path: str | Path | None = None, delay_s: float = 0.0) -> DemoMllm:
+    """A demo MLLM weights file; by default the committed one (icl/demo/mllm.pt).
+
+    `delay_s` > 0 is a test hook: every call then takes at least that long (DemoMllm.delay_s)."""
     from icl.demo import demo_path
 
-    return load_demo_mllm(Path(path) if path else demo_path("mllm.pt"))
+    model = load_demo_mllm(Path(path) if path else demo_path("mllm.pt"))
+    if delay_s < 0:
+        raise ValueError(f"delay_s must be >= 0, not {delay_s}")
+    model.delay_s = float(delay_s)
+    return model
 
 
 __all__ = [

@@ -15,7 +15,9 @@ Tensor contract (model_repository/README.md, docs/mllm.md):
           MODEL_KEY BYTES [1]     info: the backend's model_key, and CAN_GENERATE BOOL [1]
 Every request ends with exactly one response flagged final. A request this model refuses
 gets an error response starting with "invalid request:"; a backend failure one starting with
-"backend failed:"; the stub never dies on a request.
+"backend failed:"; the stub never dies on a request. A request whose client gave up (its
+stream was cancelled) is dropped between steps: before it starts, after decoding its images,
+inside backends that take `should_stop` (`can_stop`), and per streamed piece.
 """
 
 import io
@@ -27,6 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from PIL import Image
 
+from icl.mllm.contract import MllmCancelled
 from icl.mllm.registry import load_backend
 from icl.triton_models import model_config, model_parameters
 
@@ -43,6 +46,12 @@ class BadRequest(ValueError):
 
 class Cancelled(Exception):
     pass
+
+
+def _cancelled(request):
+    """Whether the client gave up on this request (Triton propagates a cancelled gRPC stream
+    to `request.is_cancelled()` in decoupled python models)."""
+    return request.is_cancelled()
 
 
 def _strings(request, name, required=True):
@@ -96,6 +105,7 @@ class TritonPythonModel:
         self.backend = load_backend(params.get("backend", ""), path, **options)
         self.model_key = self.backend.model_key
         self.streams = bool(getattr(self.backend, "can_stream", False))
+        self.stops = bool(getattr(self.backend, "can_stop", False))
         log.info("model %s: backend %s, model_key %s", name, params.get("backend"), self.model_key)
 
     def execute(self, requests):
@@ -105,7 +115,9 @@ class TritonPythonModel:
                 self._handle(request, sender)
             except BadRequest as exc:
                 self._error(sender, f"invalid request: {exc}")
-            except Cancelled:
+            except (Cancelled, MllmCancelled):
+                # The client is gone: stop here, so the instance moves on to live requests
+                # instead of finishing work nobody waits for.
                 sender.send(flags=FINAL)
             except Exception as exc:  # never let one request take the stub down
                 log.exception("mllm request failed")
@@ -117,6 +129,8 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
     def _handle(self, request, sender):
+        if _cancelled(request):  # given up while it queued
+            raise Cancelled
         task = _text(_strings(request, "TASK"), "TASK")
         if len(task) != 1 or task[0] not in TASKS:
             raise BadRequest(f"TASK must be one of {', '.join(TASKS)}; got {task}")
@@ -132,17 +146,24 @@ class TritonPythonModel:
             raise BadRequest(f"{len(raw_images)} IMAGES, at most {self.max_images} per request")
         prompts = _text(_strings(request, "PROMPTS", required=False) or [], "PROMPTS")
         if task[0] == "score":
-            self._score(raw_images, prompts, sender)
+            self._score(request, raw_images, prompts, sender)
         else:
             self._generate(request, raw_images, prompts, sender)
 
-    def _score(self, raw_images, prompts, sender):
+    def _stop_check(self, request):
+        """Keyword arguments that let a backend stop between its steps for this request."""
+        return {"should_stop": lambda: _cancelled(request)} if self.stops else {}
+
+    def _score(self, request, raw_images, prompts, sender):
         if not raw_images:
             raise BadRequest("score needs at least one image in IMAGES")
         if len(prompts) not in (1, len(raw_images)):
             raise BadRequest(f"score needs 1 or {len(raw_images)} PROMPTS, got {len(prompts)}")
         images = [_image(data, i) for i, data in enumerate(raw_images)]
-        p_yes = np.asarray(self.backend.score(images, prompts), dtype=np.float32)
+        if _cancelled(request):
+            raise Cancelled
+        p_yes = self.backend.score(images, prompts, **self._stop_check(request))
+        p_yes = np.asarray(p_yes, dtype=np.float32)
         if p_yes.shape != (len(images),):
             raise RuntimeError(f"backend returned {p_yes.shape} scores for {len(images)} images")
         out = pb_utils.Tensor("P_YES", p_yes)
@@ -161,6 +182,8 @@ class TritonPythonModel:
                 raise BadRequest(f"MAX_TOKENS must be one value in 1..{self.max_tokens_limit}")
             max_tokens = int(values[0])
         images = [_image(data, i) for i, data in enumerate(raw_images)]
+        if _cancelled(request):
+            raise Cancelled
 
         def text_response(piece):
             out = pb_utils.Tensor("TEXT", np.array([piece.encode("utf-8")], dtype=np.object_))
@@ -168,7 +191,9 @@ class TritonPythonModel:
 
         if not self.streams:
             try:
-                text = self.backend.generate(images, prompts[0], max_tokens)
+                text = self.backend.generate(
+                    images, prompts[0], max_tokens, **self._stop_check(request)
+                )
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
             sender.send(text_response(text), flags=FINAL)
@@ -178,11 +203,13 @@ class TritonPythonModel:
         held = []
 
         def on_text(piece):
-            if getattr(sender, "is_cancelled", lambda: False)():
+            if _cancelled(request):
                 raise Cancelled
             if held:
                 sender.send(text_response(held.pop()))
             held.append(piece)
 
-        self.backend.generate(images, prompts[0], max_tokens, on_text=on_text)
+        self.backend.generate(
+            images, prompts[0], max_tokens, on_text=on_text, **self._stop_check(request)
+        )
         sender.send(text_response(held.pop() if held else ""), flags=FINAL)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -22,6 +21,8 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
+
+from icl.orchestrator.triton import readiness
 
 MLLM_MODEL = "mllm"
 _REFUSED = "invalid request:"
@@ -75,7 +76,7 @@ class TritonMllm:
         self.model = model
         self.timeout_s = timeout_s
         self.generate_timeout_s = generate_timeout_s
-        self._client = triton.InferenceServerClient(url)
+        self._client = readiness.client(url)
         self._model_key: str | None = None
         self._can_generate = False
 
@@ -91,19 +92,15 @@ class TritonMllm:
 
     async def start(self, ready_timeout_s: float = 0.0) -> None:
         """Wait up to `ready_timeout_s` for the model, then read its model_key."""
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                if await self._client.is_model_ready(self.model):
-                    break
-            except InferenceServerException:
-                pass
-            if time.monotonic() >= deadline:
-                raise MllmUnavailable(f"Triton at {self.url} does not serve {self.model!r}")
-            await asyncio.sleep(0.2)
+        if not await readiness.wait_until_ready(self._client, [self.model], ready_timeout_s):
+            raise MllmUnavailable(f"Triton at {self.url} does not serve {self.model!r}")
         results = await self._request("info", timeout_s=self.timeout_s)
         self._model_key = results[0].as_numpy("MODEL_KEY").reshape(-1)[0].decode("utf-8")
         self._can_generate = bool(results[0].as_numpy("CAN_GENERATE").reshape(-1)[0])
+
+    async def ready(self) -> bool:
+        """Whether Triton serves the model right now (the service's health follows it)."""
+        return await readiness.models_ready(self._client, [self.model])
 
     async def _stream(
         self,
@@ -147,6 +144,8 @@ class TritonMllm:
         except InferenceServerException as exc:
             raise MllmUnavailable(f"{self.model} at {self.url}: {exc.message()}") from None
         finally:
+            # Also when the caller gave up (timeout, cancelled task): Triton then flags the
+            # request cancelled and the `mllm` model stops working on it.
             responses.cancel()
 
     async def _request(self, task: str, *, timeout_s: float, **kwargs: Any) -> list[Any]:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 
 import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
+from icl.orchestrator.triton import readiness
+
 TEXT_MODEL = "text_encoder"
 IMAGE_MODEL = "image_encoder"
+MODELS = (TEXT_MODEL, IMAGE_MODEL)
 
 
 class EncoderUnavailable(RuntimeError):
@@ -24,7 +26,7 @@ class TritonEncoders:
     def __init__(self, url: str, timeout_s: float = 30.0) -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self._client = triton.InferenceServerClient(url)
+        self._client = readiness.client(url)
         self._image_size: tuple[int, int] = (0, 0)
         self.dim = 0
         self.max_batch_size = 1
@@ -35,19 +37,11 @@ class TritonEncoders:
 
     async def start(self, ready_timeout_s: float = 60.0) -> None:
         """Wait for both models and read the shapes the rest of the service relies on."""
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                if all([await self._client.is_model_ready(m) for m in (TEXT_MODEL, IMAGE_MODEL)]):
-                    break
-            except InferenceServerException:
-                pass
-            if time.monotonic() > deadline:
-                raise EncoderUnavailable(
-                    f"Triton at {self.url} did not serve {TEXT_MODEL} and {IMAGE_MODEL} "
-                    f"within {ready_timeout_s:.0f}s"
-                )
-            await asyncio.sleep(0.2)
+        if not await readiness.wait_until_ready(self._client, MODELS, ready_timeout_s):
+            raise EncoderUnavailable(
+                f"Triton at {self.url} did not serve {TEXT_MODEL} and {IMAGE_MODEL} "
+                f"within {ready_timeout_s:.0f}s"
+            )
         image = await self._client.get_model_metadata(IMAGE_MODEL, as_json=True)
         text = await self._client.get_model_metadata(TEXT_MODEL, as_json=True)
         _, h, w, _ = (int(d) for d in image["inputs"][0]["shape"])
@@ -60,6 +54,10 @@ class TritonEncoders:
             )
         config = await self._client.get_model_config(IMAGE_MODEL, as_json=True)
         self.max_batch_size = max(1, int(config["config"].get("max_batch_size", 1)))
+
+    async def ready(self) -> bool:
+        """Whether Triton serves both towers right now (the service's health follows it)."""
+        return await readiness.models_ready(self._client, MODELS)
 
     async def _infer(
         self, model: str, inp: triton.InferInput, timeout_s: float | None
