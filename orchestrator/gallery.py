@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +32,22 @@ from icl.ports import GalleryFilter, GalleryHit, GalleryRecord
 
 log = logging.getLogger(__name__)
 
-# HNSW: both Milvus Lite and the server accept it (Lite also takes FLAT, IVF_FLAT, IVF_SQ8,
-# AUTOINDEX). M 16 / efConstruction 200 (Lite's own defaults too).
-INDEX_TYPE = "HNSW"
-HNSW = {"M": 16, "efConstruction": 200}
+# FLAT (exact search), not HNSW: an HNSW graph does not keep every row reachable. With many
+# equal vectors (a blank frame, a person standing still) faiss' HNSW in Milvus Lite 3.2.2
+# left rows with no path from the entry point, so no ef found them: 1,152 identical vectors
+# beside 300 distinct ones left all 300 unreachable. On the 2.3.5 server the graph survived
+# the duplicates, but once they were deleted 161 of the 300 were unreachable (deleted rows
+# stay in the graph, masked). Both are rebuilt only by compaction, if ever. Exact search
+# has no graph to lose rows in; what it costs is in docs/gallery.md.
+INDEX_TYPE = "FLAT"
+EXACT_INDEX_TYPES = ("FLAT",)
+HNSW = {"M": 16, "efConstruction": 200}  # kept for tools that still build HNSW collections
 # IP, not COSINE: vectors are stored L2-normalised and their inner product *is* the ICL
 # score (BGE and TSE halves each scaled by 1/sqrt(2)); COSINE would renormalise every
 # vector on every call for the same ranking.
 METRIC = "IP"
-# ef (docs/gallery.md, demo-model embeddings, text queries): unfiltered recall@10 is 1.000
-# from ef 256 at 10k to 1M rows; 512 keeps a margin for denser real galleries (server p50
-# 4 ms at 100k, 11 ms at 1M). A filter keeping 10% of rows needs a wider beam: 0.985 at 100k
-# and 0.992 at 1M with 1024 on the server (0.970 / 0.968 at 256).
+# ef: the HNSW beam, used only for collections still on HNSW (FLAT ignores it; kept so
+# `icl serve --search-ef` keeps working and benchmarks/gallery.py can sweep it).
 SEARCH_EF = 512
 FILTERED_SEARCH_EF = 1024
 MAX_EF = 32768  # Milvus' HNSW limit
@@ -127,13 +131,17 @@ class MilvusGallery:
     def __init__(
         self,
         uri: str,
-        dim: int,
+        dim: int | None,
         collection: str = "gallery",
         token: str = "",
         *,
         search_ef: int = SEARCH_EF,
         filtered_search_ef: int = FILTERED_SEARCH_EF,
+        inspect_only: bool = False,
     ) -> None:
+        """Open (or create) `collection`. `inspect_only` (for `icl gallery verify`): open an
+        existing collection as it is, with the width it has (`dim` None): nothing created or
+        rebuilt."""
         for name, ef in (("search_ef", search_ef), ("filtered_search_ef", filtered_search_ef)):
             if not 1 <= ef <= MAX_EF:
                 raise GalleryError(f"{name} must be 1 to {MAX_EF}, not {ef}")
@@ -141,6 +149,7 @@ class MilvusGallery:
         self.dim = dim
         self.collection = collection
         self.local = is_local_uri(uri)
+        self.inspect_only = inspect_only
         self._strong_until = 0.0
         self._pending = 0  # rows written to Lite's MemTable since the last flush
         self._known_cameras: dict[str, float] = {}  # camera id -> monotonic expiry
@@ -170,6 +179,8 @@ class MilvusGallery:
         c = self._client
         if c.has_collection(self.collection):
             self._check_schema(c.describe_collection(self.collection)["fields"])
+        elif self.inspect_only:
+            raise GalleryError(f"no collection {self.collection!r} at {self._safe_uri()}")
         else:
             schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("image_id", DataType.VARCHAR, is_primary=True, max_length=128)
@@ -183,14 +194,14 @@ class MilvusGallery:
             schema.add_field("image_uri", DataType.VARCHAR, max_length=1024)
             schema.add_field("vqa", DataType.VARCHAR, max_length=VQA_MAX_CHARS)
             schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=self.dim)
-            index = c.prepare_index_params()
-            # Milvus Lite drops flat build params; pass them flat and nested (both accept it).
-            index.add_index(
-                "embedding", index_type=INDEX_TYPE, metric_type=METRIC, **HNSW, params=HNSW
-            )
             c.create_collection(
-                self.collection, schema=schema, index_params=index, consistency_level=CONSISTENCY
+                self.collection,
+                schema=schema,
+                index_params=self._index_params(),
+                consistency_level=CONSISTENCY,
             )
+        if not self.inspect_only:
+            self._ensure_exact_index()
         c.load_collection(self.collection)  # collections come back released after a restart
         if self.local:
             # Rows replayed from Lite's write-ahead log after a crash sit in the MemTable.
@@ -198,6 +209,35 @@ class MilvusGallery:
             self._flush_pending()
             self._lite_rows = self.count()
             self._advise_server()
+
+    def _index_params(self) -> Any:
+        index = self._client.prepare_index_params()
+        index.add_index("embedding", index_type=INDEX_TYPE, metric_type=METRIC)
+        return index
+
+    def _ensure_exact_index(self) -> None:
+        """Move a collection made by an earlier version (HNSW) onto exact search.
+
+        Its graph may already have lost rows (see INDEX_TYPE); dropping the index and
+        building FLAT makes every row searchable again. Lite builds FLAT instantly (it keeps
+        the vectors); a server rebuilds its sealed segments in the background and searches
+        them by brute force meanwhile.
+        """
+        c = self._client
+        for name in c.list_indexes(self.collection, field_name="embedding"):
+            index_type = str(c.describe_index(self.collection, name).get("index_type", ""))
+            if index_type.upper() in EXACT_INDEX_TYPES:
+                return
+            log.warning(
+                "collection %r has a %s index, which can leave rows unreachable by search; "
+                "rebuilding it as %s (exact search)",
+                self.collection,
+                index_type,
+                INDEX_TYPE,
+            )
+            c.release_collection(self.collection)
+            c.drop_index(self.collection, name)
+        c.create_index(self.collection, self._index_params())
 
     def _advise_server(self) -> None:
         """Log once when a Lite gallery has grown past LITE_ADVISED_MAX_ROWS."""
@@ -240,6 +280,8 @@ class MilvusGallery:
                 "this one (pymilvus: MilvusClient(uri).drop_collection(NAME)) and re-enrol"
             )
         have = int(by_name["embedding"].get("params", {}).get("dim", -1))
+        if self.dim is None:
+            self.dim = have
         if have != self.dim:
             raise GalleryError(
                 f"collection {self.collection!r} stores {have}-d embeddings but the encoder "
@@ -466,6 +508,24 @@ class MilvusGallery:
             self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"
         )
         return int(rows[0]["count(*)"])
+
+    def iter_vectors(self, batch_size: int = 1000) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Every row's id and stored embedding, in batches (pk-ordered query iterator: no
+        offset, so no query window limits it)."""
+        self._flush_pending()
+        it = self._client.query_iterator(
+            self.collection,
+            batch_size=batch_size,
+            filter="",
+            output_fields=["image_id", "embedding"],
+            consistency_level="Strong",
+        )
+        try:
+            while batch := it.next():
+                ids = [str(r["image_id"]) for r in batch]
+                yield ids, np.asarray([r["embedding"] for r in batch], dtype=np.float32)
+        finally:
+            it.close()
 
     def close(self) -> None:
         self._client.close()
