@@ -17,13 +17,15 @@ written rows into an HNSW-indexed segment before the next search (docs/gallery.m
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
@@ -93,6 +95,44 @@ OUTPUT_FIELDS = META_FIELDS  # kept for callers of the first version
 
 class GalleryError(RuntimeError):
     """The gallery cannot serve (schema mismatch, unreachable server, bad vector, ...)."""
+
+
+# What pymilvus raises when Milvus fails or cannot be reached: its error_handler re-raises
+# gRPC errors and timeouts as they are and wraps the rest in MilvusException.
+MILVUS_ERRORS = (MilvusException, grpc.RpcError, grpc.FutureTimeoutError)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def describe_milvus_error(exc: BaseException) -> str:
+    """Code and message: repr() of a MilvusException is empty. Never holds the token."""
+    if isinstance(exc, MilvusException):
+        return f"{exc.code} {exc.message}"
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name} {exc.details()}"
+    return type(exc).__name__
+
+
+def _milvus_call(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Turn a Milvus failure inside the decorated method into one GalleryError (the service
+    answers UNAVAILABLE), logged once with its code and message."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except MILVUS_ERRORS as exc:
+                gallery = args[0]
+                detail = describe_milvus_error(exc)
+                # pymilvus' channel redials by itself: calls succeed again once Milvus is
+                # back (tests/test_gallery_outage.py), so nothing is reopened here.
+                log.warning("Milvus %s failed (%s): %s", what, gallery._safe_uri(), detail)
+                raise GalleryError(f"{what} failed: {detail}") from None
+
+        return call
+
+    return wrap
 
 
 def is_local_uri(uri: str) -> bool:
@@ -165,9 +205,10 @@ class MilvusGallery:
                 options["token"] = token
             self._client = MilvusClient(uri=uri, **options)
             self._ensure_collection()
-        except MilvusException as exc:
-            # repr() of a MilvusException is empty and the token must never reach a log.
-            raise GalleryError(f"Milvus at {self._safe_uri()}: {exc.code} {exc.message}") from None
+        except MILVUS_ERRORS as exc:
+            # The token must never reach a log or a message.
+            detail = describe_milvus_error(exc)
+            raise GalleryError(f"Milvus at {self._safe_uri()}: {detail}") from None
 
     def _consistency(self) -> str:
         return "Strong" if time.monotonic() < self._strong_until else CONSISTENCY
@@ -262,10 +303,7 @@ class MilvusGallery:
         """
         if not self.local or self._pending < at_least:
             return
-        try:
-            self._client.flush(self.collection)
-        except MilvusException as exc:
-            raise GalleryError(f"flush failed: {exc.code} {exc.message}") from None
+        self._client.flush(self.collection)
         self._pending = 0
 
     def _check_schema(self, fields: list[dict[str, Any]]) -> None:
@@ -297,6 +335,7 @@ class MilvusGallery:
             raise GalleryError(f"{what} is not L2-normalised (IP scores assume unit vectors)")
         return vec.tolist()
 
+    @_milvus_call("upsert")
     def upsert(self, records: Sequence[GalleryRecord]) -> None:
         """Store rows (replacing rows with the same ids, cached VQA answers included)."""
         if not records:
@@ -324,13 +363,11 @@ class MilvusGallery:
             self._advise_server()
 
     def _upsert_rows(self, rows: list[dict[str, Any]]) -> None:
-        try:
-            self._client.upsert(self.collection, rows)  # never insert: ids are idempotent
-        except MilvusException as exc:
-            raise GalleryError(f"upsert failed: {exc.code} {exc.message}") from None
+        self._client.upsert(self.collection, rows)  # never insert: ids are idempotent
         self._pending += len(rows)
         self._flush_pending(at_least=LITE_FLUSH_ROWS)
 
+    @_milvus_call("search")
     def search(self, vector: np.ndarray, top_k: int, where: GalleryFilter) -> list[GalleryHit]:
         vec = self._vector(vector, "query")
         self._flush_pending()
@@ -383,6 +420,7 @@ class MilvusGallery:
                 found[str(row["image_id"])] = row
         return found
 
+    @_milvus_call("fetch")
     def fetch(self, image_ids: Sequence[str]) -> list[GalleryRecord]:
         """Stored rows (metadata and embedding) for the ids that exist, in the given order."""
         rows = self._rows(image_ids, [*META_FIELDS, "embedding"])
@@ -399,6 +437,7 @@ class MilvusGallery:
             if (r := rows.get(i)) is not None
         ]
 
+    @_milvus_call("get_vqa")
     def get_vqa(self, image_ids: Sequence[str], model_key: str) -> dict[str, list[str]]:
         """Cached VQA answers stored under exactly `model_key`, for the ids that have them."""
         _check_model_key(model_key)
@@ -409,6 +448,7 @@ class MilvusGallery:
                 out[image_id] = list(answers)
         return out
 
+    @_milvus_call("put_vqa")
     def put_vqa(self, answers: Mapping[str, list[str]], model_key: str) -> None:
         """Cache answers per image under `model_key`; other fields and models are kept.
 
@@ -441,6 +481,7 @@ class MilvusGallery:
             log.info("put_vqa: %d image(s) are not in the gallery; skipped", skipped)
         self._upsert_rows(updated)
 
+    @_milvus_call("delete")
     def delete(self, image_ids: Sequence[str], where: GalleryFilter) -> list[str]:
         """Delete the listed ids, or every row matching `where`; returns the ids removed.
 
@@ -473,6 +514,7 @@ class MilvusGallery:
             removed.extend(page)
             gone.update(page)
 
+    @_milvus_call("camera check")
     def unknown_cameras(self, camera_ids: Sequence[str]) -> list[str]:
         """The listed cameras no gallery row comes from.
 
@@ -501,6 +543,7 @@ class MilvusGallery:
                 unknown.append(camera)
         return unknown
 
+    @_milvus_call("count")
     def count(self) -> int:
         # Not row_count: on a server it stays 0 until a flush. Strong: counts are rare.
         self._flush_pending()
@@ -512,20 +555,28 @@ class MilvusGallery:
     def iter_vectors(self, batch_size: int = 1000) -> Iterator[tuple[list[str], np.ndarray]]:
         """Every row's id and stored embedding, in batches (pk-ordered query iterator: no
         offset, so no query window limits it)."""
+        it = self._vector_iterator(batch_size)
+        try:
+            while batch := self._next_batch(it):
+                ids = [str(r["image_id"]) for r in batch]
+                yield ids, np.asarray([r["embedding"] for r in batch], dtype=np.float32)
+        finally:
+            it.close()
+
+    @_milvus_call("read")
+    def _vector_iterator(self, batch_size: int) -> Any:
         self._flush_pending()
-        it = self._client.query_iterator(
+        return self._client.query_iterator(
             self.collection,
             batch_size=batch_size,
             filter="",
             output_fields=["image_id", "embedding"],
             consistency_level="Strong",
         )
-        try:
-            while batch := it.next():
-                ids = [str(r["image_id"]) for r in batch]
-                yield ids, np.asarray([r["embedding"] for r in batch], dtype=np.float32)
-        finally:
-            it.close()
+
+    @_milvus_call("read")
+    def _next_batch(self, it: Any) -> list[dict[str, Any]]:
+        return it.next()
 
     def close(self) -> None:
         self._client.close()
