@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -288,7 +289,11 @@ def test_vqa_cache(gallery):
     assert gallery.get_vqa(["r00002"], "qwen2-vl-2b") == {}
     assert gallery.count() == 10
     # Every other field of the row is intact: same ranking, scores, metadata, vectors.
-    assert gallery.search(vectors[2], 10, GalleryFilter()) == before
+    # (Scores may differ in the last bit: exact search multiplies matrices whose shape
+    # changes once rewritten rows sit in their own segment.)
+    after = gallery.search(vectors[2], 10, GalleryFilter())
+    assert [replace(h, score=0.0) for h in after] == [replace(h, score=0.0) for h in before]
+    np.testing.assert_allclose([h.score for h in after], [h.score for h in before], atol=1e-6)
     np.testing.assert_allclose(gallery.fetch(["r00002"])[0].embedding, vectors[2], atol=1e-6)
     # Re-enrolling an image drops answers about the old one.
     gallery.upsert(gallery_records(vectors)[2:3])
