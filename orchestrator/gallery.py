@@ -17,13 +17,15 @@ written rows into an HNSW-indexed segment before the next search (docs/gallery.m
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
@@ -32,18 +34,22 @@ from icl.ports import GalleryFilter, GalleryHit, GalleryRecord
 
 log = logging.getLogger(__name__)
 
-# HNSW: both Milvus Lite and the server accept it (Lite also takes FLAT, IVF_FLAT, IVF_SQ8,
-# AUTOINDEX). M 16 / efConstruction 200 (Lite's own defaults too).
-INDEX_TYPE = "HNSW"
-HNSW = {"M": 16, "efConstruction": 200}
+# FLAT (exact search), not HNSW: an HNSW graph does not keep every row reachable. With many
+# equal vectors (a blank frame, a person standing still) faiss' HNSW in Milvus Lite 3.2.2
+# left rows with no path from the entry point, so no ef found them: 1,152 identical vectors
+# beside 300 distinct ones left all 300 unreachable. On the 2.3.5 server the graph survived
+# the duplicates, but once they were deleted 161 of the 300 were unreachable (deleted rows
+# stay in the graph, masked). Both are rebuilt only by compaction, if ever. Exact search
+# has no graph to lose rows in; what it costs is in docs/gallery.md.
+INDEX_TYPE = "FLAT"
+EXACT_INDEX_TYPES = ("FLAT",)
+HNSW = {"M": 16, "efConstruction": 200}  # kept for tools that still build HNSW collections
 # IP, not COSINE: vectors are stored L2-normalised and their inner product *is* the ICL
 # score (BGE and TSE halves each scaled by 1/sqrt(2)); COSINE would renormalise every
 # vector on every call for the same ranking.
 METRIC = "IP"
-# ef (docs/gallery.md, demo-model embeddings, text queries): unfiltered recall@10 is 1.000
-# from ef 256 at 10k to 1M rows; 512 keeps a margin for denser real galleries (server p50
-# 4 ms at 100k, 11 ms at 1M). A filter keeping 10% of rows needs a wider beam: 0.985 at 100k
-# and 0.992 at 1M with 1024 on the server (0.970 / 0.968 at 256).
+# ef: the HNSW beam, used only for collections still on HNSW (FLAT ignores it; kept so
+# `icl serve --search-ef` keeps working and benchmarks/gallery.py can sweep it).
 SEARCH_EF = 512
 FILTERED_SEARCH_EF = 1024
 MAX_EF = 32768  # Milvus' HNSW limit
@@ -91,6 +97,44 @@ class GalleryError(RuntimeError):
     """The gallery cannot serve (schema mismatch, unreachable server, bad vector, ...)."""
 
 
+# What pymilvus raises when Milvus fails or cannot be reached: its error_handler re-raises
+# gRPC errors and timeouts as they are and wraps the rest in MilvusException.
+MILVUS_ERRORS = (MilvusException, grpc.RpcError, grpc.FutureTimeoutError)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def describe_milvus_error(exc: BaseException) -> str:
+    """Code and message: repr() of a MilvusException is empty. Never holds the token."""
+    if isinstance(exc, MilvusException):
+        return f"{exc.code} {exc.message}"
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name} {exc.details()}"
+    return type(exc).__name__
+
+
+def _milvus_call(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Turn a Milvus failure inside the decorated method into one GalleryError (the service
+    answers UNAVAILABLE), logged once with its code and message."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except MILVUS_ERRORS as exc:
+                gallery = args[0]
+                detail = describe_milvus_error(exc)
+                # pymilvus' channel redials by itself: calls succeed again once Milvus is
+                # back (tests/test_gallery_outage.py), so nothing is reopened here.
+                log.warning("Milvus %s failed (%s): %s", what, gallery._safe_uri(), detail)
+                raise GalleryError(f"{what} failed: {detail}") from None
+
+        return call
+
+    return wrap
+
+
 def is_local_uri(uri: str) -> bool:
     return "://" not in uri
 
@@ -127,13 +171,17 @@ class MilvusGallery:
     def __init__(
         self,
         uri: str,
-        dim: int,
+        dim: int | None,
         collection: str = "gallery",
         token: str = "",
         *,
         search_ef: int = SEARCH_EF,
         filtered_search_ef: int = FILTERED_SEARCH_EF,
+        inspect_only: bool = False,
     ) -> None:
+        """Open (or create) `collection`. `inspect_only` (for `icl gallery verify`): open an
+        existing collection as it is, with the width it has (`dim` None): nothing created or
+        rebuilt."""
         for name, ef in (("search_ef", search_ef), ("filtered_search_ef", filtered_search_ef)):
             if not 1 <= ef <= MAX_EF:
                 raise GalleryError(f"{name} must be 1 to {MAX_EF}, not {ef}")
@@ -141,6 +189,7 @@ class MilvusGallery:
         self.dim = dim
         self.collection = collection
         self.local = is_local_uri(uri)
+        self.inspect_only = inspect_only
         self._strong_until = 0.0
         self._pending = 0  # rows written to Lite's MemTable since the last flush
         self._known_cameras: dict[str, float] = {}  # camera id -> monotonic expiry
@@ -156,9 +205,10 @@ class MilvusGallery:
                 options["token"] = token
             self._client = MilvusClient(uri=uri, **options)
             self._ensure_collection()
-        except MilvusException as exc:
-            # repr() of a MilvusException is empty and the token must never reach a log.
-            raise GalleryError(f"Milvus at {self._safe_uri()}: {exc.code} {exc.message}") from None
+        except MILVUS_ERRORS as exc:
+            # The token must never reach a log or a message.
+            detail = describe_milvus_error(exc)
+            raise GalleryError(f"Milvus at {self._safe_uri()}: {detail}") from None
 
     def _consistency(self) -> str:
         return "Strong" if time.monotonic() < self._strong_until else CONSISTENCY
@@ -170,6 +220,8 @@ class MilvusGallery:
         c = self._client
         if c.has_collection(self.collection):
             self._check_schema(c.describe_collection(self.collection)["fields"])
+        elif self.inspect_only:
+            raise GalleryError(f"no collection {self.collection!r} at {self._safe_uri()}")
         else:
             schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("image_id", DataType.VARCHAR, is_primary=True, max_length=128)
@@ -183,14 +235,14 @@ class MilvusGallery:
             schema.add_field("image_uri", DataType.VARCHAR, max_length=1024)
             schema.add_field("vqa", DataType.VARCHAR, max_length=VQA_MAX_CHARS)
             schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=self.dim)
-            index = c.prepare_index_params()
-            # Milvus Lite drops flat build params; pass them flat and nested (both accept it).
-            index.add_index(
-                "embedding", index_type=INDEX_TYPE, metric_type=METRIC, **HNSW, params=HNSW
-            )
             c.create_collection(
-                self.collection, schema=schema, index_params=index, consistency_level=CONSISTENCY
+                self.collection,
+                schema=schema,
+                index_params=self._index_params(),
+                consistency_level=CONSISTENCY,
             )
+        if not self.inspect_only:
+            self._ensure_exact_index()
         c.load_collection(self.collection)  # collections come back released after a restart
         if self.local:
             # Rows replayed from Lite's write-ahead log after a crash sit in the MemTable.
@@ -198,6 +250,35 @@ class MilvusGallery:
             self._flush_pending()
             self._lite_rows = self.count()
             self._advise_server()
+
+    def _index_params(self) -> Any:
+        index = self._client.prepare_index_params()
+        index.add_index("embedding", index_type=INDEX_TYPE, metric_type=METRIC)
+        return index
+
+    def _ensure_exact_index(self) -> None:
+        """Move a collection made by an earlier version (HNSW) onto exact search.
+
+        Its graph may already have lost rows (see INDEX_TYPE); dropping the index and
+        building FLAT makes every row searchable again. Lite builds FLAT instantly (it keeps
+        the vectors); a server rebuilds its sealed segments in the background and searches
+        them by brute force meanwhile.
+        """
+        c = self._client
+        for name in c.list_indexes(self.collection, field_name="embedding"):
+            index_type = str(c.describe_index(self.collection, name).get("index_type", ""))
+            if index_type.upper() in EXACT_INDEX_TYPES:
+                return
+            log.warning(
+                "collection %r has a %s index, which can leave rows unreachable by search; "
+                "rebuilding it as %s (exact search)",
+                self.collection,
+                index_type,
+                INDEX_TYPE,
+            )
+            c.release_collection(self.collection)
+            c.drop_index(self.collection, name)
+        c.create_index(self.collection, self._index_params())
 
     def _advise_server(self) -> None:
         """Log once when a Lite gallery has grown past LITE_ADVISED_MAX_ROWS."""
@@ -222,10 +303,7 @@ class MilvusGallery:
         """
         if not self.local or self._pending < at_least:
             return
-        try:
-            self._client.flush(self.collection)
-        except MilvusException as exc:
-            raise GalleryError(f"flush failed: {exc.code} {exc.message}") from None
+        self._client.flush(self.collection)
         self._pending = 0
 
     def _check_schema(self, fields: list[dict[str, Any]]) -> None:
@@ -240,6 +318,8 @@ class MilvusGallery:
                 "this one (pymilvus: MilvusClient(uri).drop_collection(NAME)) and re-enrol"
             )
         have = int(by_name["embedding"].get("params", {}).get("dim", -1))
+        if self.dim is None:
+            self.dim = have
         if have != self.dim:
             raise GalleryError(
                 f"collection {self.collection!r} stores {have}-d embeddings but the encoder "
@@ -255,6 +335,7 @@ class MilvusGallery:
             raise GalleryError(f"{what} is not L2-normalised (IP scores assume unit vectors)")
         return vec.tolist()
 
+    @_milvus_call("upsert")
     def upsert(self, records: Sequence[GalleryRecord]) -> None:
         """Store rows (replacing rows with the same ids, cached VQA answers included)."""
         if not records:
@@ -282,13 +363,11 @@ class MilvusGallery:
             self._advise_server()
 
     def _upsert_rows(self, rows: list[dict[str, Any]]) -> None:
-        try:
-            self._client.upsert(self.collection, rows)  # never insert: ids are idempotent
-        except MilvusException as exc:
-            raise GalleryError(f"upsert failed: {exc.code} {exc.message}") from None
+        self._client.upsert(self.collection, rows)  # never insert: ids are idempotent
         self._pending += len(rows)
         self._flush_pending(at_least=LITE_FLUSH_ROWS)
 
+    @_milvus_call("search")
     def search(self, vector: np.ndarray, top_k: int, where: GalleryFilter) -> list[GalleryHit]:
         vec = self._vector(vector, "query")
         self._flush_pending()
@@ -341,6 +420,7 @@ class MilvusGallery:
                 found[str(row["image_id"])] = row
         return found
 
+    @_milvus_call("fetch")
     def fetch(self, image_ids: Sequence[str]) -> list[GalleryRecord]:
         """Stored rows (metadata and embedding) for the ids that exist, in the given order."""
         rows = self._rows(image_ids, [*META_FIELDS, "embedding"])
@@ -357,6 +437,7 @@ class MilvusGallery:
             if (r := rows.get(i)) is not None
         ]
 
+    @_milvus_call("get_vqa")
     def get_vqa(self, image_ids: Sequence[str], model_key: str) -> dict[str, list[str]]:
         """Cached VQA answers stored under exactly `model_key`, for the ids that have them."""
         _check_model_key(model_key)
@@ -367,6 +448,7 @@ class MilvusGallery:
                 out[image_id] = list(answers)
         return out
 
+    @_milvus_call("put_vqa")
     def put_vqa(self, answers: Mapping[str, list[str]], model_key: str) -> None:
         """Cache answers per image under `model_key`; other fields and models are kept.
 
@@ -399,6 +481,7 @@ class MilvusGallery:
             log.info("put_vqa: %d image(s) are not in the gallery; skipped", skipped)
         self._upsert_rows(updated)
 
+    @_milvus_call("delete")
     def delete(self, image_ids: Sequence[str], where: GalleryFilter) -> list[str]:
         """Delete the listed ids, or every row matching `where`; returns the ids removed.
 
@@ -431,6 +514,7 @@ class MilvusGallery:
             removed.extend(page)
             gone.update(page)
 
+    @_milvus_call("camera check")
     def unknown_cameras(self, camera_ids: Sequence[str]) -> list[str]:
         """The listed cameras no gallery row comes from.
 
@@ -459,6 +543,7 @@ class MilvusGallery:
                 unknown.append(camera)
         return unknown
 
+    @_milvus_call("count")
     def count(self) -> int:
         # Not row_count: on a server it stays 0 until a flush. Strong: counts are rare.
         self._flush_pending()
@@ -473,6 +558,32 @@ class MilvusGallery:
             return bool(self._client.has_collection(self.collection, timeout=timeout_s))
         except MilvusException:
             return False
+
+    def iter_vectors(self, batch_size: int = 1000) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Every row's id and stored embedding, in batches (pk-ordered query iterator: no
+        offset, so no query window limits it)."""
+        it = self._vector_iterator(batch_size)
+        try:
+            while batch := self._next_batch(it):
+                ids = [str(r["image_id"]) for r in batch]
+                yield ids, np.asarray([r["embedding"] for r in batch], dtype=np.float32)
+        finally:
+            it.close()
+
+    @_milvus_call("read")
+    def _vector_iterator(self, batch_size: int) -> Any:
+        self._flush_pending()
+        return self._client.query_iterator(
+            self.collection,
+            batch_size=batch_size,
+            filter="",
+            output_fields=["image_id", "embedding"],
+            consistency_level="Strong",
+        )
+
+    @_milvus_call("read")
+    def _next_batch(self, it: Any) -> list[dict[str, Any]]:
+        return it.next()
 
     def close(self) -> None:
         self._client.close()

@@ -12,6 +12,7 @@ Milvus 2.5+ from its compose file or Helm chart.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,27 @@ _COMPONENTS = (
     "dataCoord",
     "dataNode",
 )
+
+
+def _reuse_addr(config_class: type) -> type:
+    """The package's config test-binds each port without SO_REUSEADDR, so a port the last
+    run served stays "in use" for a minute (TIME_WAIT) although Milvus itself (Go sets
+    SO_REUSEADDR) could bind it: a restart on the same port, which its clients keep
+    dialling, then failed. Test-bind the way Milvus binds."""
+
+    class Config(config_class):  # type: ignore[misc, valid-type]
+        def try_bind_port(self, port: int) -> socket.socket | None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+                return sock
+            except (OSError, OverflowError):
+                sock.close()
+                return None
+
+    return Config
 
 
 class MilvusLaunchError(ServerStartError):
@@ -127,7 +149,7 @@ class MilvusServer:
         a port the caller chose is retried for a while."""
         deadline = time.monotonic() + 30
         while True:
-            config = config_class(data_dir=str(self.data_dir), proxy_port=self.port)
+            config = _reuse_addr(config_class)(data_dir=str(self.data_dir), proxy_port=self.port)
             for key in list(config.configurable_items):
                 if key.endswith("_port") and key != "proxy_port":
                     config.update(**{key: free_port()})
