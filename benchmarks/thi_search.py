@@ -30,6 +30,7 @@ from icl.orchestrator.server import Orchestrator, OrchestratorConfig
 from icl.orchestrator.tritonserver import TritonServer
 from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
 from icl.synthetic.demo_gallery import demo_gallery, demo_queries, to_gallery_image
+from icl.thi.engine import is_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = (
@@ -71,7 +72,7 @@ async def run_setting(
                 latencies.append(elapsed * 1000)
                 if thi:
                     trace = reply.thi_trace
-                    if trace.fallback_reason:
+                    if is_failure(trace.fallback_reason):
                         raise RuntimeError(f"THI fell back: {trace.fallback_reason}")
                     evaluations.append(trace.mllm_calls)
     finally:

@@ -12,8 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from icl.mllm.contract import VQA_PROMPT, parse_answers
+from icl.mllm.contract import VQA_PROMPT, anchor_prompt, parse_answers
 from icl.thi.engine import (
+    MLLM_FAILED,
+    NO_ANCHOR_NO_CANDIDATES,
+    NO_ANCHOR_NO_YES,
+    NO_ANCHOR_RANK1_NO,
+    NO_ANCHOR_RANK1_YES,
     DictVqaCache,
     ThiParams,
     anchor_rule,
@@ -115,6 +120,9 @@ def test_lean_schedules_equal_reference_on_random_matrices() -> None:
                 trips[name] += out.round_trips
                 assert out.evaluations == mllm.scored + mllm.generated
                 assert out.round_trips == mllm.calls
+                # A reason exactly when the base ranking is kept; never a failure here.
+                assert (out.fallback_reason == "") == (out.anchor is not None)
+                assert not out.failed
             ref = results["reference"]
             yes = [ref.p_yes[p] > 0.5 for p in range(k)]
             assert ref.anchor == anchor_rule(float(scores[0]), xi, yes)
@@ -172,6 +180,49 @@ def test_backend_without_generation_merges_deterministically() -> None:
     assert out.evaluations == 2  # one yes/no, one VQA; no aggregation call
 
 
+def _table(text: str, answers: list[float]) -> dict[tuple[str, int], float]:
+    prompt = anchor_prompt(text)
+    return {(prompt, g): p for g, p in enumerate(answers)}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("schedule", ["reference", "lazy", "batched"])
+@pytest.mark.parametrize(
+    ("s1", "xi", "answers", "want"),
+    [
+        (0.9, 0.5, [0.2, 0.9, 0.9], NO_ANCHOR_RANK1_NO),
+        (0.9, float("-inf"), [0.2, 0.9, 0.9], NO_ANCHOR_RANK1_NO),
+        (0.4, 0.5, [0.9, 0.9, 0.1], NO_ANCHOR_RANK1_YES),
+        (0.5, 0.5, [0.9, 0.1, 0.1], NO_ANCHOR_RANK1_YES),  # s1 == xi walks
+        (0.4, 0.5, [0.1, 0.2, 0.3], NO_ANCHOR_NO_YES),
+        (0.4, float("inf"), [0.1, 0.2, 0.3], NO_ANCHOR_NO_YES),
+        (0.9, 0.5, [0.9, 0.1, 0.1], ""),  # anchor at rank 1
+        (0.4, 0.5, [0.1, 0.1, 0.9], ""),  # anchor at rank 3
+    ],
+)
+def test_the_trace_says_why_the_base_ranking_is_kept(
+    schedule: str, s1: float, xi: float, answers: list[float], want: str
+) -> None:
+    text = "a man in a red coat"
+    if schedule == "reference":
+        params = ThiParams(xi=xi, schedule="reference")
+    else:
+        params = ThiParams(xi=xi, schedule="lean", walk=schedule)  # type: ignore[arg-type]
+    mllm = ScriptedMllm(_table(text, answers))
+    scores = [s1, s1 - 0.01, s1 - 0.02]
+    out = asyncio.run(run_thi(text, ["0", "1", "2"], scores, load, mllm, params, DictVqaCache()))
+    assert out.fallback_reason == want
+    assert (out.anchor is None) == bool(want)
+    assert not out.failed
+
+
+@pytest.mark.unit
+def test_no_candidates_is_a_no_anchor_reason() -> None:
+    out = asyncio.run(run_thi("a man", [], [], load, ScriptedMllm({}), ThiParams(), None))
+    assert out.anchor is None and out.fallback_reason == NO_ANCHOR_NO_CANDIDATES
+    assert not out.failed and out.evaluations == 0
+
+
 class FailingMllm(ScriptedMllm):
     async def score(self, images, prompts):
         raise TimeoutError("mllm deadline exceeded")
@@ -182,6 +233,7 @@ def test_mllm_failure_degrades_to_base_ranking() -> None:
         run_thi("a man", ["1", "2"], [0.9, 0.8], load, FailingMllm({}), ThiParams(), None)
     )
     assert out.anchor is None and "deadline" in out.fallback_reason
+    assert out.fallback_reason.startswith(MLLM_FAILED + ": TimeoutError") and out.failed
 
 
 def test_fuse_pins_the_anchor() -> None:

@@ -42,6 +42,17 @@ DEFAULT_CANDIDATES = 5
 DEFAULT_XI = 0.50  # 0.55 for ICFG-PEDES in the paper
 DEFAULT_LAMBDA = 0.8
 
+# Why THI kept the base ranking (`ThiOutcome.fallback_reason`, the trace's fallback_reason):
+# short, stable strings that clients may match. "no anchor..." reasons are THI working as
+# designed; the MLLM reasons are failures (details follow after ": ").
+NO_ANCHOR = "no anchor"
+NO_ANCHOR_RANK1_NO = "no anchor: rank 1 said No with s1 > xi"
+NO_ANCHOR_RANK1_YES = "no anchor: rank 1 said Yes with s1 <= xi"
+NO_ANCHOR_NO_YES = "no anchor: no candidate said Yes"
+NO_ANCHOR_NO_CANDIDATES = "no anchor: no candidates"
+MLLM_FAILED = "MLLM failed"
+MLLM_TIMEOUT = "MLLM did not answer in time"
+
 
 @dataclass(frozen=True)
 class ThiParams:
@@ -93,7 +104,17 @@ class ThiOutcome:
     evaluations: int = 0  # image-prompt pairs scored + generate calls
     round_trips: int = 0
     vqa_cached: bool = False
-    fallback_reason: str = ""
+    fallback_reason: str = ""  # why the base ranking is kept; empty when there is an anchor
+
+    @property
+    def failed(self) -> bool:
+        """The MLLM failed or timed out (as opposed to THI finding no anchor)."""
+        return is_failure(self.fallback_reason)
+
+
+def is_failure(reason: str) -> bool:
+    """A fallback reason that is an MLLM failure, not a "no anchor" decision."""
+    return bool(reason) and not reason.startswith(NO_ANCHOR)
 
 
 def anchor_rule(s1: float, xi: float, yes: Sequence[bool]) -> int | None:
@@ -108,6 +129,15 @@ def anchor_rule(s1: float, xi: float, yes: Sequence[bool]) -> int | None:
         if yes[position]:
             return position
     return None
+
+
+def no_anchor_reason(s1: float, xi: float, yes: Sequence[bool]) -> str:
+    """Why the rule found no anchor, from the answers asked (yes[0] is rank 1)."""
+    if not yes:
+        return NO_ANCHOR_NO_CANDIDATES
+    if s1 > xi:
+        return NO_ANCHOR_RANK1_NO
+    return NO_ANCHOR_RANK1_YES if yes[0] else NO_ANCHOR_NO_YES
 
 
 def ranks_the_rule_may_need(s1: float, xi: float, k: int) -> list[int]:
@@ -177,6 +207,9 @@ async def run_thi(
             query, candidate_ids, base_scores, load_images, mllm, params, outcome
         )
         if outcome.anchor is None:
+            asked = [outcome.p_yes[p] > params.yes_threshold for p in sorted(outcome.p_yes)]
+            s1 = float(base_scores[0]) if len(base_scores) else 0.0
+            outcome.fallback_reason = no_anchor_reason(s1, params.xi, asked)
             return outcome
         anchor_id = candidate_ids[outcome.anchor]
         cached = None
@@ -201,12 +234,12 @@ async def run_thi(
         if not outcome.refined_query:
             outcome.refined_query = merge_answers(query, outcome.answers)
     except Exception as exc:  # any backend failure degrades to the base ranking
-        reason = f"{type(exc).__name__}: {exc}".strip()
+        detail = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
         return ThiOutcome(
             p_yes=outcome.p_yes,
             evaluations=outcome.evaluations,
             round_trips=outcome.round_trips,
-            fallback_reason=reason or type(exc).__name__,
+            fallback_reason=f"{MLLM_FAILED}: {detail}",
         )
     return outcome
 
@@ -229,13 +262,22 @@ __all__ = [
     "DEFAULT_CANDIDATES",
     "DEFAULT_LAMBDA",
     "DEFAULT_XI",
+    "MLLM_FAILED",
+    "MLLM_TIMEOUT",
+    "NO_ANCHOR",
+    "NO_ANCHOR_NO_CANDIDATES",
+    "NO_ANCHOR_NO_YES",
+    "NO_ANCHOR_RANK1_NO",
+    "NO_ANCHOR_RANK1_YES",
     "DictVqaCache",
     "ThiOutcome",
     "ThiParams",
     "VqaCache",
     "anchor_rule",
     "fuse",
+    "is_failure",
     "locate_anchor",
+    "no_anchor_reason",
     "ranks_the_rule_may_need",
     "reference_evaluations",
     "run_thi",

@@ -261,7 +261,7 @@ def engine_cost(
             out = await run_thi(
                 data.query_texts[q], ids, replay.top[q].tolist(), load, mllm, params, cache
             )
-            if out.fallback_reason:
+            if out.failed:
                 raise RuntimeError(f"query {q}: {out.fallback_reason}")
             evaluations += out.evaluations
             trips += out.round_trips
