@@ -84,6 +84,21 @@ def _expected_lazy_evaluations(s1: float, xi: float, yes: list[bool]) -> int:
     return len(yes)
 
 
+def _expected_reference_evaluations(s1: float, xi: float, yes: list[bool]) -> int:
+    """The paper's rounds, counted from the method's text: round r asks every query without
+    an anchor about its rank-r candidate; the query leaves with an anchor (then VQA and
+    aggregation: 2 more calls) when rank 1 says Yes with s1 > xi, or when a later rank is
+    the first Yes after rank 1 said No with s1 <= xi; otherwise it is asked in every round."""
+    asked = 0
+    for r, said_yes in enumerate(yes):
+        asked += 1
+        if r == 0 and said_yes and s1 > xi:
+            return asked + 2
+        if r > 0 and said_yes and s1 <= xi and not yes[0] and not any(yes[1:r]):
+            return asked + 2
+    return asked
+
+
 def test_lean_schedules_equal_reference_on_random_matrices() -> None:
     rng = np.random.default_rng(0)
     k, totals = 5, {"reference": 0, "lazy": 0, "batched": 0}
@@ -124,12 +139,13 @@ def test_lean_schedules_equal_reference_on_random_matrices() -> None:
                 assert (out.fallback_reason == "") == (out.anchor is not None)
                 assert not out.failed
             ref = results["reference"]
-            yes = [ref.p_yes[p] > 0.5 for p in range(k)]
+            yes = [table[(anchor_prompt(text), int(g))] > 0.5 for g in order]
             assert ref.anchor == anchor_rule(float(scores[0]), xi, yes)
-            assert ref.evaluations == reference_evaluations(
-                ThiParams(), ref.anchor is not None, True
-            )
+            expected = _expected_reference_evaluations(float(scores[0]), xi, yes)
+            assert ref.evaluations == expected
+            assert reference_evaluations(ThiParams(), ref.anchor, True, len(ids)) == expected
             lazy = results["lazy"]
+            assert lazy.evaluations <= ref.evaluations
             assert lazy.evaluations - (2 if lazy.anchor is not None else 0) == (
                 _expected_lazy_evaluations(float(scores[0]), xi, yes)
             )
@@ -139,7 +155,9 @@ def test_lean_schedules_equal_reference_on_random_matrices() -> None:
                 assert got.answers == ref.answers
                 assert got.refined_query == ref.refined_query
                 for p, prob in got.p_yes.items():
-                    assert prob == ref.p_yes[p]
+                    assert prob == table[(anchor_prompt(text), int(ids[p]))]
+                    if p in ref.p_yes:
+                        assert prob == ref.p_yes[p]
                 if ref.anchor is not None:
                     refined = rng.uniform(0, 1, gallery)
                     a = fuse(sims[q], refined, int(ids[ref.anchor]), 0.8)
@@ -147,8 +165,34 @@ def test_lean_schedules_equal_reference_on_random_matrices() -> None:
                     assert np.array_equal(
                         np.argsort(-a, kind="stable"), np.argsort(-b, kind="stable")
                     )
-    assert totals["lazy"] < totals["reference"] and totals["batched"] <= totals["reference"]
+    # The lazy walk never asks more than the paper's rounds; the batched check may (it asks
+    # every candidate the rule may need at once, where the rounds stop at the anchor).
+    assert totals["lazy"] < totals["reference"]
     assert trips["batched"] <= trips["lazy"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("xi", "answers", "want"),
+    [
+        (float("inf"), [0.1, 0.1, 0.1], 3),  # no Yes: asked in all 3 rounds, not K = 5
+        (float("inf"), [0.9, 0.1, 0.1], 3),  # rank 1 Yes with s1 <= xi: no anchor, still asked
+        (float("-inf"), [0.1, 0.9, 0.9], 3),  # rank 1 No with s1 > xi: no anchor, still asked
+        (float("inf"), [0.1, 0.9, 0.1], 2 + 2),  # anchor at rank 2, then VQA and aggregation
+        (float("-inf"), [0.9, 0.1, 0.1], 1 + 2),  # anchor at rank 1
+    ],
+)
+def test_reference_schedule_with_a_gallery_smaller_than_k(
+    xi: float, answers: list[float], want: int
+) -> None:
+    text = "a man in a red coat"
+    mllm = ScriptedMllm(_table(text, answers))
+    params = ThiParams(candidates=5, xi=xi, schedule="reference")
+    out = asyncio.run(
+        run_thi(text, ["0", "1", "2"], [0.5, 0.4, 0.3], load, mllm, params, DictVqaCache())
+    )
+    assert out.evaluations == want == mllm.scored + mllm.generated
+    assert reference_evaluations(params, out.anchor, True, 3) == want
 
 
 def test_vqa_answers_are_cached_per_image_and_model() -> None:

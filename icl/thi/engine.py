@@ -13,11 +13,12 @@ Acceptance rule (as the public code behaves), with s1 the base score of rank 1:
 - s1 <= xi: walk ranks 1..K; if rank 1 says Yes, stop with no anchor (keep the base
   ranking); otherwise the first later rank that says Yes is the anchor.
 
-Schedules: `reference` asks as the paper's code does (every candidate, one call each, VQA and
-aggregation for every anchor); `lean` asks only what the rule needs, either lazily (one
-candidate per round trip, stopping at the first decisive answer: fewest evaluations, the
-default) or as one batched call over the candidates the rule may need (fewest round trips);
-VQA answers come from the cache when present. Both schedules give identical anchors,
+Schedules: `reference` asks as the paper's code does (round r asks each query still without
+an anchor about its rank-r candidate, one call each; VQA and aggregation for every anchor);
+`lean` asks only what the rule needs, either lazily (one candidate per round trip, stopping
+at the first decisive answer: fewest evaluations, the default) or as one batched call over
+the candidates the rule may need (fewest round trips); VQA answers come from the cache when
+present. Both schedules give identical anchors,
 answers and refined queries for a deterministic MLLM.
 """
 
@@ -174,9 +175,15 @@ async def locate_anchor(
         return outcome.p_yes[p] > params.yes_threshold
 
     if params.schedule == "reference":
-        for p in range(k):  # the paper's code: one call per candidate, every candidate
+        # The paper's code: round r asks every query still without an anchor about its
+        # rank-r candidate, one call each; a query leaves once it has an anchor. A query
+        # without one (rank 1 said No with s1 > xi, or Yes with s1 <= xi) is asked to rank K.
+        for p in range(k):
             await ask([p])
-        return anchor_rule(s1, params.xi, [yes(p) for p in range(k)])
+            anchor = anchor_rule(s1, params.xi, [yes(q) for q in range(p + 1)])
+            if anchor is not None:
+                return anchor
+        return None
     needed = ranks_the_rule_may_need(s1, params.xi, k)
     if params.walk == "batched":
         await ask(needed)
@@ -253,9 +260,17 @@ def fuse(
     return lam * np.asarray(base_scores, dtype=np.float64) + (1.0 - lam) * refined
 
 
-def reference_evaluations(params: ThiParams, anchored: bool, can_generate: bool) -> int:
-    """MLLM evaluations of the paper's schedule for one query (K yes/no + VQA + aggregation)."""
-    return params.candidates + (1 + int(can_generate) if anchored else 0)
+def reference_evaluations(
+    params: ThiParams, anchor: int | None, can_generate: bool, n_candidates: int
+) -> int:
+    """MLLM evaluations of the paper's schedule for one query with `n_candidates` candidates
+    (min(K, gallery size)): one yes/no per round until the anchor (position `anchor`, 0 =
+    rank 1) is found, or all K rounds without one; then VQA (+ aggregation when the MLLM
+    generates text)."""
+    k = min(params.candidates, n_candidates)
+    if anchor is None:
+        return k
+    return anchor + 1 + 1 + int(can_generate)
 
 
 __all__ = [

@@ -18,7 +18,14 @@ import numpy as np
 
 from icl.metrics import RetrievalMetrics, retrieval_metrics
 from icl.mllm.contract import VQA_PROMPT, MllmBackend, anchor_prompt, merge_answers, parse_answers
-from icl.thi.engine import DictVqaCache, ThiParams, anchor_rule, fuse, run_thi
+from icl.thi.engine import (
+    DictVqaCache,
+    ThiParams,
+    anchor_rule,
+    fuse,
+    reference_evaluations,
+    run_thi,
+)
 
 TextEncoder = Callable[[Sequence[str]], np.ndarray]
 
@@ -77,18 +84,41 @@ class ThiReplay:
         same = self.data.gallery_ids[self.order] == self.data.query_ids[:, None]
         return same.astype(np.float64)
 
-    def anchors(self, params: ThiParams, p_yes: np.ndarray | None = None) -> np.ndarray:
-        """Gallery index of each query's anchor, -1 for none."""
+    @property
+    def n_candidates(self) -> int:
+        """Candidates per query: K, or fewer when the gallery is smaller."""
+        return int(self.order.shape[1])
+
+    def anchor_positions(self, params: ThiParams, p_yes: np.ndarray | None = None) -> np.ndarray:
+        """Candidate position (0 = rank 1) of each query's anchor, -1 for none."""
         p = self.p_yes if p_yes is None else p_yes
-        k = min(params.candidates, self.k)
+        k = min(params.candidates, self.n_candidates)
         out = np.full(len(self.order), -1)
         for i in range(len(self.order)):
             pos = anchor_rule(
                 float(self.top[i, 0]), params.xi, list(p[i, :k] > params.yes_threshold)
             )
             if pos is not None:
-                out[i] = self.order[i, pos]
+                out[i] = pos
         return out
+
+    def anchors(self, params: ThiParams, p_yes: np.ndarray | None = None) -> np.ndarray:
+        """Gallery index of each query's anchor, -1 for none."""
+        pos = self.anchor_positions(params, p_yes)
+        rows = np.arange(len(pos))
+        return np.where(pos >= 0, self.order[rows, np.maximum(pos, 0)], -1)
+
+    def reference_evaluations(self, params: ThiParams) -> np.ndarray:
+        """MLLM evaluations of the paper's schedule, per query (`reference_evaluations`)."""
+        can_generate = self.backend.can_generate
+        return np.array(
+            [
+                reference_evaluations(
+                    params, None if a < 0 else int(a), can_generate, self.n_candidates
+                )
+                for a in self.anchor_positions(params)
+            ]
+        )
 
     def answers(self, g: int) -> list[str]:
         if g not in self._answers:
@@ -171,7 +201,7 @@ class TuningLimits:
 def lazy_cost_ratio(replay: ThiReplay, params: ThiParams) -> float:
     """Evaluations of the lean lazy walk (VQA on demand, cached per image) over the paper's
     schedule's, computed from the replay exactly as the engine would count them."""
-    k = min(params.candidates, replay.k)
+    k = min(params.candidates, replay.n_candidates)  # a gallery smaller than K has fewer
     walk = 0
     for i in range(len(replay.order)):
         if replay.top[i, 0] > params.xi:
@@ -182,9 +212,8 @@ def lazy_cost_ratio(replay: ThiReplay, params: ThiParams) -> float:
     anchors = replay.anchors(params)
     anchored = anchors >= 0
     vqa = len(set(anchors[anchored].tolist()))
-    extra = 1 + int(replay.backend.can_generate)  # VQA (+ aggregation) per refined query
     lean = walk + vqa + int(replay.backend.can_generate) * int(anchored.sum())
-    reference = k * len(anchors) + extra * int(anchored.sum())
+    reference = int(replay.reference_evaluations(params).sum())
     return lean / max(1, reference)
 
 
