@@ -197,6 +197,24 @@ async def locate_anchor(
     return anchor_rule(s1, params.xi, [yes(q) for q in range(asked)])
 
 
+async def describe(image: np.ndarray, mllm: Mllm) -> list[str]:
+    """The anchor's answers to the human-centred questions (method step 3; the query is not
+    shown, so they can be cached per image): one MLLM call, online and offline alike."""
+    return parse_answers(await mllm.generate([image], VQA_PROMPT))
+
+
+async def refine_query(query: str, answers: Sequence[str], mllm: Mllm) -> tuple[str, int]:
+    """The refined query from the anchor's VQA answers (method step 4), the one refinement step
+    of online search and offline evaluation. An MLLM that generates text is asked the
+    aggregation prompt (one text-only call); a backend without free-text generation (the demo
+    MLLM), or an empty aggregation, gets the deterministic merge of query and answers.
+    Returns the refined query and the MLLM calls made (0 or 1)."""
+    if not mllm.can_generate:
+        return merge_answers(query, answers), 0
+    refined = (await mllm.generate([], aggregate_prompt(query, answers))).strip()
+    return refined or merge_answers(query, answers), 1
+
+
 async def run_thi(
     query: str,
     candidate_ids: Sequence[str],
@@ -226,20 +244,14 @@ async def run_thi(
             outcome.answers, outcome.vqa_cached = list(cached), True
         else:
             (image,) = await load_images([anchor_id])
-            text = await mllm.generate([image], VQA_PROMPT)
+            outcome.answers = await describe(image, mllm)
             outcome.evaluations += 1
             outcome.round_trips += 1
-            outcome.answers = parse_answers(text)
             if cache is not None:
                 cache.put(anchor_id, mllm.model_key, outcome.answers)
-        if mllm.can_generate:
-            outcome.refined_query = (
-                await mllm.generate([], aggregate_prompt(query, outcome.answers))
-            ).strip()
-            outcome.evaluations += 1
-            outcome.round_trips += 1
-        if not outcome.refined_query:
-            outcome.refined_query = merge_answers(query, outcome.answers)
+        outcome.refined_query, calls = await refine_query(query, outcome.answers, mllm)
+        outcome.evaluations += calls
+        outcome.round_trips += calls
     except Exception as exc:  # any backend failure degrades to the base ranking
         detail = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
         return ThiOutcome(
@@ -289,11 +301,13 @@ __all__ = [
     "ThiParams",
     "VqaCache",
     "anchor_rule",
+    "describe",
     "fuse",
     "is_failure",
     "locate_anchor",
     "no_anchor_reason",
     "ranks_the_rule_may_need",
     "reference_evaluations",
+    "refine_query",
     "run_thi",
 ]

@@ -17,13 +17,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from icl.metrics import RetrievalMetrics, retrieval_metrics
-from icl.mllm.contract import VQA_PROMPT, MllmBackend, anchor_prompt, merge_answers, parse_answers
+from icl.mllm.contract import MllmBackend, anchor_prompt
 from icl.thi.engine import (
     DictVqaCache,
     ThiParams,
     anchor_rule,
+    describe,
     fuse,
     reference_evaluations,
+    refine_query,
     run_thi,
 )
 
@@ -44,6 +46,24 @@ class ThiData:
     # Optional analysis: does gallery image g fit query q's caption (every stated attribute
     # true of g)? Used for the "fits the caption but another identity" share.
     fits_caption: Callable[[int, int], bool] | None = None
+
+
+class DirectMllm:
+    """A synchronous backend behind the async `Mllm` contract, called inline (offline
+    evaluation is sequential: no thread hop per call, unlike `InProcessMllm`)."""
+
+    def __init__(self, backend: MllmBackend) -> None:
+        self.backend = backend
+        self.model_key = backend.model_key
+        self.can_generate = backend.can_generate
+
+    async def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
+        return self.backend.score(images, prompts)
+
+    async def generate(
+        self, images: Sequence[np.ndarray], prompt: str, max_tokens: int = 256
+    ) -> str:
+        return self.backend.generate(images, prompt, max_tokens)
 
 
 @dataclass
@@ -121,15 +141,28 @@ class ThiReplay:
         )
 
     def answers(self, g: int) -> list[str]:
+        """Gallery image g's VQA answers, by the engine's step (as the service asks them)."""
         if g not in self._answers:
-            text = self.backend.generate([self.data.gallery_images[g]], VQA_PROMPT)
-            self._answers[g] = parse_answers(text)
+            mllm = DirectMllm(self.backend)
+            self._answers[g] = asyncio.run(describe(self.data.gallery_images[g], mllm))
         return self._answers[g]
 
     def refined_query(self, q: int, g: int) -> str:
-        # The demo backend cannot generate free text: the deterministic merge is used, as the
-        # engine does for such backends.
-        return merge_answers(self.data.query_texts[q], self.answers(g))
+        """Query q refined with gallery image g's answers, by the engine's refinement step
+        (the aggregation prompt for a generating MLLM, as the service does)."""
+        return self.refined_queries([(q, g)])[0]
+
+    def refined_queries(self, pairs: Sequence[tuple[int, int]]) -> list[str]:
+        mllm = DirectMllm(self.backend)
+        answers = [self.answers(g) for _, g in pairs]  # answers() runs its own event loop
+
+        async def run() -> list[str]:
+            return [
+                (await refine_query(self.data.query_texts[q], a, mllm))[0]
+                for (q, _), a in zip(pairs, answers, strict=True)
+            ]
+
+        return asyncio.run(run())
 
     def fused(self, anchors: np.ndarray, lam: float) -> np.ndarray:
         sims = self.data.sims.astype(np.float64, copy=True)
@@ -139,7 +172,7 @@ class ThiReplay:
             if g >= 0 and (q, int(g)) not in self._refined
         ]
         if todo:
-            emb = self.data.encode_texts([self.refined_query(q, g) for q, g in todo])
+            emb = self.data.encode_texts(self.refined_queries(todo))
             for (q, g), e in zip(todo, emb, strict=True):
                 self._refined[(q, g)] = e @ self.data.gallery_embeddings.T
         for q, g in enumerate(anchors):
@@ -264,25 +297,16 @@ def engine_cost(
     query (as when the orchestrator computes them at enrolment): that cost is not per query."""
     data = replay.data
 
-    class Direct:  # the backend behind the async contract, without a thread hop per call
-        model_key = backend.model_key
-        can_generate = backend.can_generate
-
-        async def score(self, images, prompts):
-            return backend.score(images, prompts)
-
-        async def generate(self, images, prompt, max_tokens=256):
-            return backend.generate(images, prompt, max_tokens)
-
     async def load(ids: Sequence[str]) -> list[np.ndarray]:
         return [data.gallery_images[int(i)] for i in ids]
 
+    cache = DictVqaCache()
+    if vqa_at_enrolment:  # before the event loop: replay.answers runs one of its own
+        for g in range(len(data.gallery_images)):
+            cache.put(str(g), backend.model_key, replay.answers(g))
+
     async def run_all() -> ScheduleCost:
-        cache = DictVqaCache()
-        mllm = Direct()
-        if vqa_at_enrolment:
-            for g in range(len(data.gallery_images)):
-                cache.put(str(g), backend.model_key, replay.answers(g))
+        mllm = DirectMllm(backend)
         evaluations = trips = 0
         anchors = np.full(len(replay.order), -1)
         for q in range(len(replay.order)):
@@ -302,4 +326,4 @@ def engine_cost(
     return asyncio.run(run_all())
 
 
-__all__ = ["Row", "ScheduleCost", "ThiData", "ThiReplay", "engine_cost", "tune"]
+__all__ = ["DirectMllm", "Row", "ScheduleCost", "ThiData", "ThiReplay", "engine_cost", "tune"]
