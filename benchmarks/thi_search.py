@@ -29,6 +29,7 @@ from icl.models.dual_encoder import load_checkpoint
 from icl.orchestrator.server import Orchestrator, OrchestratorConfig
 from icl.orchestrator.tritonserver import TritonServer
 from icl.synthetic.demo_gallery import demo_gallery, demo_queries
+from icl.thi.engine import is_failure
 from icl_api import pb_grpc
 from icl_api.client import channel_options, enroll, search_request
 
@@ -72,7 +73,7 @@ async def run_setting(
                 latencies.append(elapsed * 1000)
                 if thi:
                     trace = reply.thi_trace
-                    if trace.fallback_reason:
+                    if is_failure(trace.fallback_reason):
                         raise RuntimeError(f"THI fell back: {trace.fallback_reason}")
                     evaluations.append(trace.mllm_calls)
     finally:

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from icl.cli.common import DEFAULT_ADDRESS, console, fail, parse_time
+from icl.thi.engine import is_failure
 from icl_api import PersonSearchClient, search_request
 
 
@@ -29,12 +30,12 @@ def print_trace(trace: Any) -> None:
         f"#{c.base_rank} {c.image_id} P(Yes)={c.p_yes:.2f}" for c in trace.candidates if c.asked
     )
     console.print(f"THI asked: {asked or 'nobody'} ({trace.mllm_calls} MLLM calls)")
-    if trace.fallback_reason:
-        console.print(f"THI fell back to the base ranking: {trace.fallback_reason}")
-    elif trace.anchor_image_id:
+    if trace.anchor_image_id:
         console.print(f"THI anchor: {trace.anchor_image_id}; refined query: {trace.refined_query}")
-    else:
-        console.print("THI kept the base ranking (no anchor)")
+    elif is_failure(trace.fallback_reason):
+        console.print(f"THI fell back to the base ranking: {trace.fallback_reason}")
+    else:  # the reason says which rule kept it ("no anchor: ...")
+        console.print(f"THI kept the base ranking ({trace.fallback_reason})")
 
 
 def search(

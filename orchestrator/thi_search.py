@@ -20,7 +20,14 @@ from icl.mllm.contract import Mllm
 from icl.orchestrator.crops import CropStore
 from icl.orchestrator.gallery import MilvusGallery
 from icl.ports import GalleryFilter, GalleryHit
-from icl.thi.engine import ThiOutcome, ThiParams, fuse, run_thi
+from icl.thi.engine import (
+    MLLM_TIMEOUT,
+    NO_ANCHOR_NO_CANDIDATES,
+    ThiOutcome,
+    ThiParams,
+    fuse,
+    run_thi,
+)
 
 POOL = 100  # top-N of each list that THI re-scores
 
@@ -71,7 +78,7 @@ async def thi_search(
     base_hits: list[GalleryHit] = await in_gallery(gallery.search, query_vector, pool_n, where)
     candidates = base_hits[: params.candidates]
     if not candidates:
-        return ThiSearchResult([], ThiOutcome(fallback_reason="no gallery image matches"), [], True)
+        return ThiSearchResult([], ThiOutcome(fallback_reason=NO_ANCHOR_NO_CANDIDATES), [], True)
     ids = [h.image_id for h in candidates]
     cached = await in_gallery(gallery.get_vqa, ids, mllm.model_key)
     cache = GalleryVqaCache(cached)
@@ -85,7 +92,7 @@ async def thi_search(
             mllm_timeout_s,
         )
     except TimeoutError:
-        outcome = ThiOutcome(fallback_reason=f"MLLM did not answer within {mllm_timeout_s:g} s")
+        outcome = ThiOutcome(fallback_reason=f"{MLLM_TIMEOUT}: limit {mllm_timeout_s:g} s")
     if cache.new:
         await in_gallery(gallery.put_vqa, cache.new, mllm.model_key)
     if outcome.anchor is None:

@@ -12,8 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from icl.mllm.contract import VQA_PROMPT, parse_answers
+from icl.mllm.contract import VQA_PROMPT, anchor_prompt, parse_answers
 from icl.thi.engine import (
+    MLLM_FAILED,
+    NO_ANCHOR_NO_CANDIDATES,
+    NO_ANCHOR_NO_YES,
+    NO_ANCHOR_RANK1_NO,
+    NO_ANCHOR_RANK1_YES,
     DictVqaCache,
     ThiParams,
     anchor_rule,
@@ -79,6 +84,21 @@ def _expected_lazy_evaluations(s1: float, xi: float, yes: list[bool]) -> int:
     return len(yes)
 
 
+def _expected_reference_evaluations(s1: float, xi: float, yes: list[bool]) -> int:
+    """The paper's rounds, counted from the method's text: round r asks every query without
+    an anchor about its rank-r candidate; the query leaves with an anchor (then VQA and
+    aggregation: 2 more calls) when rank 1 says Yes with s1 > xi, or when a later rank is
+    the first Yes after rank 1 said No with s1 <= xi; otherwise it is asked in every round."""
+    asked = 0
+    for r, said_yes in enumerate(yes):
+        asked += 1
+        if r == 0 and said_yes and s1 > xi:
+            return asked + 2
+        if r > 0 and said_yes and s1 <= xi and not yes[0] and not any(yes[1:r]):
+            return asked + 2
+    return asked
+
+
 def test_lean_schedules_equal_reference_on_random_matrices() -> None:
     rng = np.random.default_rng(0)
     k, totals = 5, {"reference": 0, "lazy": 0, "batched": 0}
@@ -115,13 +135,17 @@ def test_lean_schedules_equal_reference_on_random_matrices() -> None:
                 trips[name] += out.round_trips
                 assert out.evaluations == mllm.scored + mllm.generated
                 assert out.round_trips == mllm.calls
+                # A reason exactly when the base ranking is kept; never a failure here.
+                assert (out.fallback_reason == "") == (out.anchor is not None)
+                assert not out.failed
             ref = results["reference"]
-            yes = [ref.p_yes[p] > 0.5 for p in range(k)]
+            yes = [table[(anchor_prompt(text), int(g))] > 0.5 for g in order]
             assert ref.anchor == anchor_rule(float(scores[0]), xi, yes)
-            assert ref.evaluations == reference_evaluations(
-                ThiParams(), ref.anchor is not None, True
-            )
+            expected = _expected_reference_evaluations(float(scores[0]), xi, yes)
+            assert ref.evaluations == expected
+            assert reference_evaluations(ThiParams(), ref.anchor, True, len(ids)) == expected
             lazy = results["lazy"]
+            assert lazy.evaluations <= ref.evaluations
             assert lazy.evaluations - (2 if lazy.anchor is not None else 0) == (
                 _expected_lazy_evaluations(float(scores[0]), xi, yes)
             )
@@ -131,7 +155,9 @@ def test_lean_schedules_equal_reference_on_random_matrices() -> None:
                 assert got.answers == ref.answers
                 assert got.refined_query == ref.refined_query
                 for p, prob in got.p_yes.items():
-                    assert prob == ref.p_yes[p]
+                    assert prob == table[(anchor_prompt(text), int(ids[p]))]
+                    if p in ref.p_yes:
+                        assert prob == ref.p_yes[p]
                 if ref.anchor is not None:
                     refined = rng.uniform(0, 1, gallery)
                     a = fuse(sims[q], refined, int(ids[ref.anchor]), 0.8)
@@ -139,8 +165,34 @@ def test_lean_schedules_equal_reference_on_random_matrices() -> None:
                     assert np.array_equal(
                         np.argsort(-a, kind="stable"), np.argsort(-b, kind="stable")
                     )
-    assert totals["lazy"] < totals["reference"] and totals["batched"] <= totals["reference"]
+    # The lazy walk never asks more than the paper's rounds; the batched check may (it asks
+    # every candidate the rule may need at once, where the rounds stop at the anchor).
+    assert totals["lazy"] < totals["reference"]
     assert trips["batched"] <= trips["lazy"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("xi", "answers", "want"),
+    [
+        (float("inf"), [0.1, 0.1, 0.1], 3),  # no Yes: asked in all 3 rounds, not K = 5
+        (float("inf"), [0.9, 0.1, 0.1], 3),  # rank 1 Yes with s1 <= xi: no anchor, still asked
+        (float("-inf"), [0.1, 0.9, 0.9], 3),  # rank 1 No with s1 > xi: no anchor, still asked
+        (float("inf"), [0.1, 0.9, 0.1], 2 + 2),  # anchor at rank 2, then VQA and aggregation
+        (float("-inf"), [0.9, 0.1, 0.1], 1 + 2),  # anchor at rank 1
+    ],
+)
+def test_reference_schedule_with_a_gallery_smaller_than_k(
+    xi: float, answers: list[float], want: int
+) -> None:
+    text = "a man in a red coat"
+    mllm = ScriptedMllm(_table(text, answers))
+    params = ThiParams(candidates=5, xi=xi, schedule="reference")
+    out = asyncio.run(
+        run_thi(text, ["0", "1", "2"], [0.5, 0.4, 0.3], load, mllm, params, DictVqaCache())
+    )
+    assert out.evaluations == want == mllm.scored + mllm.generated
+    assert reference_evaluations(params, out.anchor, True, 3) == want
 
 
 def test_vqa_answers_are_cached_per_image_and_model() -> None:
@@ -172,6 +224,49 @@ def test_backend_without_generation_merges_deterministically() -> None:
     assert out.evaluations == 2  # one yes/no, one VQA; no aggregation call
 
 
+def _table(text: str, answers: list[float]) -> dict[tuple[str, int], float]:
+    prompt = anchor_prompt(text)
+    return {(prompt, g): p for g, p in enumerate(answers)}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("schedule", ["reference", "lazy", "batched"])
+@pytest.mark.parametrize(
+    ("s1", "xi", "answers", "want"),
+    [
+        (0.9, 0.5, [0.2, 0.9, 0.9], NO_ANCHOR_RANK1_NO),
+        (0.9, float("-inf"), [0.2, 0.9, 0.9], NO_ANCHOR_RANK1_NO),
+        (0.4, 0.5, [0.9, 0.9, 0.1], NO_ANCHOR_RANK1_YES),
+        (0.5, 0.5, [0.9, 0.1, 0.1], NO_ANCHOR_RANK1_YES),  # s1 == xi walks
+        (0.4, 0.5, [0.1, 0.2, 0.3], NO_ANCHOR_NO_YES),
+        (0.4, float("inf"), [0.1, 0.2, 0.3], NO_ANCHOR_NO_YES),
+        (0.9, 0.5, [0.9, 0.1, 0.1], ""),  # anchor at rank 1
+        (0.4, 0.5, [0.1, 0.1, 0.9], ""),  # anchor at rank 3
+    ],
+)
+def test_the_trace_says_why_the_base_ranking_is_kept(
+    schedule: str, s1: float, xi: float, answers: list[float], want: str
+) -> None:
+    text = "a man in a red coat"
+    if schedule == "reference":
+        params = ThiParams(xi=xi, schedule="reference")
+    else:
+        params = ThiParams(xi=xi, schedule="lean", walk=schedule)  # type: ignore[arg-type]
+    mllm = ScriptedMllm(_table(text, answers))
+    scores = [s1, s1 - 0.01, s1 - 0.02]
+    out = asyncio.run(run_thi(text, ["0", "1", "2"], scores, load, mllm, params, DictVqaCache()))
+    assert out.fallback_reason == want
+    assert (out.anchor is None) == bool(want)
+    assert not out.failed
+
+
+@pytest.mark.unit
+def test_no_candidates_is_a_no_anchor_reason() -> None:
+    out = asyncio.run(run_thi("a man", [], [], load, ScriptedMllm({}), ThiParams(), None))
+    assert out.anchor is None and out.fallback_reason == NO_ANCHOR_NO_CANDIDATES
+    assert not out.failed and out.evaluations == 0
+
+
 class FailingMllm(ScriptedMllm):
     async def score(self, images, prompts):
         raise TimeoutError("mllm deadline exceeded")
@@ -182,6 +277,7 @@ def test_mllm_failure_degrades_to_base_ranking() -> None:
         run_thi("a man", ["1", "2"], [0.9, 0.8], load, FailingMllm({}), ThiParams(), None)
     )
     assert out.anchor is None and "deadline" in out.fallback_reason
+    assert out.fallback_reason.startswith(MLLM_FAILED + ": TimeoutError") and out.failed
 
 
 def test_fuse_pins_the_anchor() -> None:

@@ -20,7 +20,15 @@ from icl.mllm.demo import load_demo_backend
 from icl.mllm.inprocess import InProcessMllm
 from icl.onnx_encoders import OnnxEncoders
 from icl.synthetic.demo_gallery import demo_gallery, demo_queries
-from icl.thi.engine import ThiParams, fuse, run_thi
+from icl.thi.engine import (
+    NO_ANCHOR_NO_CANDIDATES,
+    NO_ANCHOR_NO_YES,
+    NO_ANCHOR_RANK1_NO,
+    NO_ANCHOR_RANK1_YES,
+    ThiParams,
+    fuse,
+    run_thi,
+)
 from icl_api import pb, pb_grpc
 from icl_api.client import search_request
 from tests.helpers import enroll_all, gallery_images, start_orchestrator
@@ -84,7 +92,7 @@ def test_online_thi_equals_offline_engine(thi_service, model_repository) -> None
         reply = _search(running, text, xi=1.0)  # xi 1: every query walks the candidates
         outcome, ids, scores = _offline(model_repository, demo, text, ThiParams(xi=1.0))
         trace = reply.thi_trace
-        assert trace.fallback_reason == ""
+        assert trace.fallback_reason == outcome.fallback_reason
         assert [c.base_rank for c in trace.candidates] == [1, 2, 3, 4, 5]
         asked = {c.base_rank - 1: c.p_yes for c in trace.candidates if c.asked}
         assert asked.keys() == outcome.p_yes.keys()
@@ -101,6 +109,33 @@ def test_online_thi_equals_offline_engine(thi_service, model_repository) -> None
                 h.image_id for h in reply.hits
             }
     assert anchored > 0, "no query found an anchor: the comparison would be vacuous"
+
+
+def test_the_trace_says_why_no_anchor_was_found(thi_service, model_repository) -> None:
+    """Every search that keeps the base ranking says why, as the engine does in-process:
+    xi 1 walks the candidates (rank 1 Yes, or nobody Yes), xi -1 asks rank 1 only."""
+    running, _ = thi_service
+    seen = set()
+    for xi, possible in (
+        (1.0, {NO_ANCHOR_RANK1_YES, NO_ANCHOR_NO_YES}),
+        (-1.0, {NO_ANCHOR_RANK1_NO}),
+    ):
+        for text in QUERIES:
+            trace = _search(running, text, xi=xi).thi_trace
+            if trace.anchor_image_id:
+                assert trace.fallback_reason == ""
+                continue
+            assert trace.fallback_reason in possible, (xi, trace.fallback_reason)
+            assert trace.refined_query == "" and list(trace.vqa_answers) == []
+            seen.add(trace.fallback_reason)
+    assert NO_ANCHOR_RANK1_NO in seen, "no query's rank 1 said No: the check would be vacuous"
+    assert seen & {NO_ANCHOR_RANK1_YES, NO_ANCHOR_NO_YES}, "every walk found an anchor"
+    # A time window no image falls in: no candidates at all.
+    request = search_request(QUERIES[0], top_k=5, start=1, end=2)
+    request.thi.enabled = True
+    with running.channel() as channel:
+        reply = pb_grpc.PersonSearchStub(channel).Search(request, timeout=60)
+    assert list(reply.hits) == [] and reply.thi_trace.fallback_reason == NO_ANCHOR_NO_CANDIDATES
 
 
 def test_vqa_answers_are_cached_in_the_gallery(thi_service) -> None:

@@ -13,11 +13,12 @@ Acceptance rule (as the public code behaves), with s1 the base score of rank 1:
 - s1 <= xi: walk ranks 1..K; if rank 1 says Yes, stop with no anchor (keep the base
   ranking); otherwise the first later rank that says Yes is the anchor.
 
-Schedules: `reference` asks as the paper's code does (every candidate, one call each, VQA and
-aggregation for every anchor); `lean` asks only what the rule needs, either lazily (one
-candidate per round trip, stopping at the first decisive answer: fewest evaluations, the
-default) or as one batched call over the candidates the rule may need (fewest round trips);
-VQA answers come from the cache when present. Both schedules give identical anchors,
+Schedules: `reference` asks as the paper's code does (round r asks each query still without
+an anchor about its rank-r candidate, one call each; VQA and aggregation for every anchor);
+`lean` asks only what the rule needs, either lazily (one candidate per round trip, stopping
+at the first decisive answer: fewest evaluations, the default) or as one batched call over
+the candidates the rule may need (fewest round trips); VQA answers come from the cache when
+present. Both schedules give identical anchors,
 answers and refined queries for a deterministic MLLM.
 """
 
@@ -41,6 +42,17 @@ from icl.mllm.contract import (
 DEFAULT_CANDIDATES = 5
 DEFAULT_XI = 0.50  # 0.55 for ICFG-PEDES in the paper
 DEFAULT_LAMBDA = 0.8
+
+# Why THI kept the base ranking (`ThiOutcome.fallback_reason`, the trace's fallback_reason):
+# short, stable strings that clients may match. "no anchor..." reasons are THI working as
+# designed; the MLLM reasons are failures (details follow after ": ").
+NO_ANCHOR = "no anchor"
+NO_ANCHOR_RANK1_NO = "no anchor: rank 1 said No with s1 > xi"
+NO_ANCHOR_RANK1_YES = "no anchor: rank 1 said Yes with s1 <= xi"
+NO_ANCHOR_NO_YES = "no anchor: no candidate said Yes"
+NO_ANCHOR_NO_CANDIDATES = "no anchor: no candidates"
+MLLM_FAILED = "MLLM failed"
+MLLM_TIMEOUT = "MLLM did not answer in time"
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,17 @@ class ThiOutcome:
     evaluations: int = 0  # image-prompt pairs scored + generate calls
     round_trips: int = 0
     vqa_cached: bool = False
-    fallback_reason: str = ""
+    fallback_reason: str = ""  # why the base ranking is kept; empty when there is an anchor
+
+    @property
+    def failed(self) -> bool:
+        """The MLLM failed or timed out (as opposed to THI finding no anchor)."""
+        return is_failure(self.fallback_reason)
+
+
+def is_failure(reason: str) -> bool:
+    """A fallback reason that is an MLLM failure, not a "no anchor" decision."""
+    return bool(reason) and not reason.startswith(NO_ANCHOR)
 
 
 def anchor_rule(s1: float, xi: float, yes: Sequence[bool]) -> int | None:
@@ -108,6 +130,15 @@ def anchor_rule(s1: float, xi: float, yes: Sequence[bool]) -> int | None:
         if yes[position]:
             return position
     return None
+
+
+def no_anchor_reason(s1: float, xi: float, yes: Sequence[bool]) -> str:
+    """Why the rule found no anchor, from the answers asked (yes[0] is rank 1)."""
+    if not yes:
+        return NO_ANCHOR_NO_CANDIDATES
+    if s1 > xi:
+        return NO_ANCHOR_RANK1_NO
+    return NO_ANCHOR_RANK1_YES if yes[0] else NO_ANCHOR_NO_YES
 
 
 def ranks_the_rule_may_need(s1: float, xi: float, k: int) -> list[int]:
@@ -144,9 +175,15 @@ async def locate_anchor(
         return outcome.p_yes[p] > params.yes_threshold
 
     if params.schedule == "reference":
-        for p in range(k):  # the paper's code: one call per candidate, every candidate
+        # The paper's code: round r asks every query still without an anchor about its
+        # rank-r candidate, one call each; a query leaves once it has an anchor. A query
+        # without one (rank 1 said No with s1 > xi, or Yes with s1 <= xi) is asked to rank K.
+        for p in range(k):
             await ask([p])
-        return anchor_rule(s1, params.xi, [yes(p) for p in range(k)])
+            anchor = anchor_rule(s1, params.xi, [yes(q) for q in range(p + 1)])
+            if anchor is not None:
+                return anchor
+        return None
     needed = ranks_the_rule_may_need(s1, params.xi, k)
     if params.walk == "batched":
         await ask(needed)
@@ -158,6 +195,24 @@ async def locate_anchor(
         if yes(p):
             break
     return anchor_rule(s1, params.xi, [yes(q) for q in range(asked)])
+
+
+async def describe(image: np.ndarray, mllm: Mllm) -> list[str]:
+    """The anchor's answers to the human-centred questions (method step 3; the query is not
+    shown, so they can be cached per image): one MLLM call, online and offline alike."""
+    return parse_answers(await mllm.generate([image], VQA_PROMPT))
+
+
+async def refine_query(query: str, answers: Sequence[str], mllm: Mllm) -> tuple[str, int]:
+    """The refined query from the anchor's VQA answers (method step 4), the one refinement step
+    of online search and offline evaluation. An MLLM that generates text is asked the
+    aggregation prompt (one text-only call); a backend without free-text generation (the demo
+    MLLM), or an empty aggregation, gets the deterministic merge of query and answers.
+    Returns the refined query and the MLLM calls made (0 or 1)."""
+    if not mllm.can_generate:
+        return merge_answers(query, answers), 0
+    refined = (await mllm.generate([], aggregate_prompt(query, answers))).strip()
+    return refined or merge_answers(query, answers), 1
 
 
 async def run_thi(
@@ -177,6 +232,9 @@ async def run_thi(
             query, candidate_ids, base_scores, load_images, mllm, params, outcome
         )
         if outcome.anchor is None:
+            asked = [outcome.p_yes[p] > params.yes_threshold for p in sorted(outcome.p_yes)]
+            s1 = float(base_scores[0]) if len(base_scores) else 0.0
+            outcome.fallback_reason = no_anchor_reason(s1, params.xi, asked)
             return outcome
         anchor_id = candidate_ids[outcome.anchor]
         cached = None
@@ -186,27 +244,21 @@ async def run_thi(
             outcome.answers, outcome.vqa_cached = list(cached), True
         else:
             (image,) = await load_images([anchor_id])
-            text = await mllm.generate([image], VQA_PROMPT)
+            outcome.answers = await describe(image, mllm)
             outcome.evaluations += 1
             outcome.round_trips += 1
-            outcome.answers = parse_answers(text)
             if cache is not None:
                 cache.put(anchor_id, mllm.model_key, outcome.answers)
-        if mllm.can_generate:
-            outcome.refined_query = (
-                await mllm.generate([], aggregate_prompt(query, outcome.answers))
-            ).strip()
-            outcome.evaluations += 1
-            outcome.round_trips += 1
-        if not outcome.refined_query:
-            outcome.refined_query = merge_answers(query, outcome.answers)
+        outcome.refined_query, calls = await refine_query(query, outcome.answers, mllm)
+        outcome.evaluations += calls
+        outcome.round_trips += calls
     except Exception as exc:  # any backend failure degrades to the base ranking
-        reason = f"{type(exc).__name__}: {exc}".strip()
+        detail = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
         return ThiOutcome(
             p_yes=outcome.p_yes,
             evaluations=outcome.evaluations,
             round_trips=outcome.round_trips,
-            fallback_reason=reason or type(exc).__name__,
+            fallback_reason=f"{MLLM_FAILED}: {detail}",
         )
     return outcome
 
@@ -220,23 +272,42 @@ def fuse(
     return lam * np.asarray(base_scores, dtype=np.float64) + (1.0 - lam) * refined
 
 
-def reference_evaluations(params: ThiParams, anchored: bool, can_generate: bool) -> int:
-    """MLLM evaluations of the paper's schedule for one query (K yes/no + VQA + aggregation)."""
-    return params.candidates + (1 + int(can_generate) if anchored else 0)
+def reference_evaluations(
+    params: ThiParams, anchor: int | None, can_generate: bool, n_candidates: int
+) -> int:
+    """MLLM evaluations of the paper's schedule for one query with `n_candidates` candidates
+    (min(K, gallery size)): one yes/no per round until the anchor (position `anchor`, 0 =
+    rank 1) is found, or all K rounds without one; then VQA (+ aggregation when the MLLM
+    generates text)."""
+    k = min(params.candidates, n_candidates)
+    if anchor is None:
+        return k
+    return anchor + 1 + 1 + int(can_generate)
 
 
 __all__ = [
     "DEFAULT_CANDIDATES",
     "DEFAULT_LAMBDA",
     "DEFAULT_XI",
+    "MLLM_FAILED",
+    "MLLM_TIMEOUT",
+    "NO_ANCHOR",
+    "NO_ANCHOR_NO_CANDIDATES",
+    "NO_ANCHOR_NO_YES",
+    "NO_ANCHOR_RANK1_NO",
+    "NO_ANCHOR_RANK1_YES",
     "DictVqaCache",
     "ThiOutcome",
     "ThiParams",
     "VqaCache",
     "anchor_rule",
+    "describe",
     "fuse",
+    "is_failure",
     "locate_anchor",
+    "no_anchor_reason",
     "ranks_the_rule_may_need",
     "reference_evaluations",
+    "refine_query",
     "run_thi",
 ]

@@ -17,8 +17,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from icl.metrics import RetrievalMetrics, retrieval_metrics
-from icl.mllm.contract import VQA_PROMPT, MllmBackend, anchor_prompt, merge_answers, parse_answers
-from icl.thi.engine import DictVqaCache, ThiParams, anchor_rule, fuse, run_thi
+from icl.mllm.contract import MllmBackend, anchor_prompt
+from icl.thi.engine import (
+    DictVqaCache,
+    ThiParams,
+    anchor_rule,
+    describe,
+    fuse,
+    reference_evaluations,
+    refine_query,
+    run_thi,
+)
 
 TextEncoder = Callable[[Sequence[str]], np.ndarray]
 
@@ -37,6 +46,24 @@ class ThiData:
     # Optional analysis: does gallery image g fit query q's caption (every stated attribute
     # true of g)? Used for the "fits the caption but another identity" share.
     fits_caption: Callable[[int, int], bool] | None = None
+
+
+class DirectMllm:
+    """A synchronous backend behind the async `Mllm` contract, called inline (offline
+    evaluation is sequential: no thread hop per call, unlike `InProcessMllm`)."""
+
+    def __init__(self, backend: MllmBackend) -> None:
+        self.backend = backend
+        self.model_key = backend.model_key
+        self.can_generate = backend.can_generate
+
+    async def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
+        return self.backend.score(images, prompts)
+
+    async def generate(
+        self, images: Sequence[np.ndarray], prompt: str, max_tokens: int = 256
+    ) -> str:
+        return self.backend.generate(images, prompt, max_tokens)
 
 
 @dataclass
@@ -77,29 +104,65 @@ class ThiReplay:
         same = self.data.gallery_ids[self.order] == self.data.query_ids[:, None]
         return same.astype(np.float64)
 
-    def anchors(self, params: ThiParams, p_yes: np.ndarray | None = None) -> np.ndarray:
-        """Gallery index of each query's anchor, -1 for none."""
+    @property
+    def n_candidates(self) -> int:
+        """Candidates per query: K, or fewer when the gallery is smaller."""
+        return int(self.order.shape[1])
+
+    def anchor_positions(self, params: ThiParams, p_yes: np.ndarray | None = None) -> np.ndarray:
+        """Candidate position (0 = rank 1) of each query's anchor, -1 for none."""
         p = self.p_yes if p_yes is None else p_yes
-        k = min(params.candidates, self.k)
+        k = min(params.candidates, self.n_candidates)
         out = np.full(len(self.order), -1)
         for i in range(len(self.order)):
             pos = anchor_rule(
                 float(self.top[i, 0]), params.xi, list(p[i, :k] > params.yes_threshold)
             )
             if pos is not None:
-                out[i] = self.order[i, pos]
+                out[i] = pos
         return out
 
+    def anchors(self, params: ThiParams, p_yes: np.ndarray | None = None) -> np.ndarray:
+        """Gallery index of each query's anchor, -1 for none."""
+        pos = self.anchor_positions(params, p_yes)
+        rows = np.arange(len(pos))
+        return np.where(pos >= 0, self.order[rows, np.maximum(pos, 0)], -1)
+
+    def reference_evaluations(self, params: ThiParams) -> np.ndarray:
+        """MLLM evaluations of the paper's schedule, per query (`reference_evaluations`)."""
+        can_generate = self.backend.can_generate
+        return np.array(
+            [
+                reference_evaluations(
+                    params, None if a < 0 else int(a), can_generate, self.n_candidates
+                )
+                for a in self.anchor_positions(params)
+            ]
+        )
+
     def answers(self, g: int) -> list[str]:
+        """Gallery image g's VQA answers, by the engine's step (as the service asks them)."""
         if g not in self._answers:
-            text = self.backend.generate([self.data.gallery_images[g]], VQA_PROMPT)
-            self._answers[g] = parse_answers(text)
+            mllm = DirectMllm(self.backend)
+            self._answers[g] = asyncio.run(describe(self.data.gallery_images[g], mllm))
         return self._answers[g]
 
     def refined_query(self, q: int, g: int) -> str:
-        # The demo backend cannot generate free text: the deterministic merge is used, as the
-        # engine does for such backends.
-        return merge_answers(self.data.query_texts[q], self.answers(g))
+        """Query q refined with gallery image g's answers, by the engine's refinement step
+        (the aggregation prompt for a generating MLLM, as the service does)."""
+        return self.refined_queries([(q, g)])[0]
+
+    def refined_queries(self, pairs: Sequence[tuple[int, int]]) -> list[str]:
+        mllm = DirectMllm(self.backend)
+        answers = [self.answers(g) for _, g in pairs]  # answers() runs its own event loop
+
+        async def run() -> list[str]:
+            return [
+                (await refine_query(self.data.query_texts[q], a, mllm))[0]
+                for (q, _), a in zip(pairs, answers, strict=True)
+            ]
+
+        return asyncio.run(run())
 
     def fused(self, anchors: np.ndarray, lam: float) -> np.ndarray:
         sims = self.data.sims.astype(np.float64, copy=True)
@@ -109,7 +172,7 @@ class ThiReplay:
             if g >= 0 and (q, int(g)) not in self._refined
         ]
         if todo:
-            emb = self.data.encode_texts([self.refined_query(q, g) for q, g in todo])
+            emb = self.data.encode_texts(self.refined_queries(todo))
             for (q, g), e in zip(todo, emb, strict=True):
                 self._refined[(q, g)] = e @ self.data.gallery_embeddings.T
         for q, g in enumerate(anchors):
@@ -171,7 +234,7 @@ class TuningLimits:
 def lazy_cost_ratio(replay: ThiReplay, params: ThiParams) -> float:
     """Evaluations of the lean lazy walk (VQA on demand, cached per image) over the paper's
     schedule's, computed from the replay exactly as the engine would count them."""
-    k = min(params.candidates, replay.k)
+    k = min(params.candidates, replay.n_candidates)  # a gallery smaller than K has fewer
     walk = 0
     for i in range(len(replay.order)):
         if replay.top[i, 0] > params.xi:
@@ -182,9 +245,8 @@ def lazy_cost_ratio(replay: ThiReplay, params: ThiParams) -> float:
     anchors = replay.anchors(params)
     anchored = anchors >= 0
     vqa = len(set(anchors[anchored].tolist()))
-    extra = 1 + int(replay.backend.can_generate)  # VQA (+ aggregation) per refined query
     lean = walk + vqa + int(replay.backend.can_generate) * int(anchored.sum())
-    reference = k * len(anchors) + extra * int(anchored.sum())
+    reference = int(replay.reference_evaluations(params).sum())
     return lean / max(1, reference)
 
 
@@ -235,25 +297,16 @@ def engine_cost(
     query (as when the orchestrator computes them at enrolment): that cost is not per query."""
     data = replay.data
 
-    class Direct:  # the backend behind the async contract, without a thread hop per call
-        model_key = backend.model_key
-        can_generate = backend.can_generate
-
-        async def score(self, images, prompts):
-            return backend.score(images, prompts)
-
-        async def generate(self, images, prompt, max_tokens=256):
-            return backend.generate(images, prompt, max_tokens)
-
     async def load(ids: Sequence[str]) -> list[np.ndarray]:
         return [data.gallery_images[int(i)] for i in ids]
 
+    cache = DictVqaCache()
+    if vqa_at_enrolment:  # before the event loop: replay.answers runs one of its own
+        for g in range(len(data.gallery_images)):
+            cache.put(str(g), backend.model_key, replay.answers(g))
+
     async def run_all() -> ScheduleCost:
-        cache = DictVqaCache()
-        mllm = Direct()
-        if vqa_at_enrolment:
-            for g in range(len(data.gallery_images)):
-                cache.put(str(g), backend.model_key, replay.answers(g))
+        mllm = DirectMllm(backend)
         evaluations = trips = 0
         anchors = np.full(len(replay.order), -1)
         for q in range(len(replay.order)):
@@ -261,7 +314,7 @@ def engine_cost(
             out = await run_thi(
                 data.query_texts[q], ids, replay.top[q].tolist(), load, mllm, params, cache
             )
-            if out.fallback_reason:
+            if out.failed:
                 raise RuntimeError(f"query {q}: {out.fallback_reason}")
             evaluations += out.evaluations
             trips += out.round_trips
@@ -273,4 +326,4 @@ def engine_cost(
     return asyncio.run(run_all())
 
 
-__all__ = ["Row", "ScheduleCost", "ThiData", "ThiReplay", "engine_cost", "tune"]
+__all__ = ["DirectMllm", "Row", "ScheduleCost", "ThiData", "ThiReplay", "engine_cost", "tune"]
