@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -123,7 +123,7 @@ def _milvus_call(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return fn(*args, **kwargs)
             except MILVUS_ERRORS as exc:
-                gallery = args[0]
+                gallery = cast("MilvusGallery", args[0])
                 detail = describe_milvus_error(exc)
                 # pymilvus' channel redials by itself: calls succeed again once Milvus is
                 # back (tests/test_gallery_outage.py), so nothing is reopened here.
@@ -357,7 +357,7 @@ class MilvusGallery:
             )
         self._upsert_rows(rows)
         expiry = time.monotonic() + KNOWN_CAMERA_TTL_S
-        self._known_cameras.update((r["camera_id"], expiry) for r in rows)
+        self._known_cameras.update((r.camera_id, expiry) for r in records)
         if self.local:
             self._lite_rows += len(rows)
             self._advise_server()

@@ -40,7 +40,7 @@ def _reuse_addr(config_class: type) -> type:
     SO_REUSEADDR) could bind it: a restart on the same port, which its clients keep
     dialling, then failed. Test-bind the way Milvus binds."""
 
-    class Config(config_class):  # type: ignore[misc, valid-type]
+    class Config(config_class):  # a subclass of the package's config, made at run time
         def try_bind_port(self, port: int) -> socket.socket | None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
