@@ -44,8 +44,12 @@ class OnnxEncoders:
     def embed_images(self, pixels: np.ndarray) -> np.ndarray:
         return self._image.run(["embedding"], {"pixels": pixels})[0]
 
-    async def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+    # The ports' async calls; in process there is nothing to wait on, so the deadline is
+    # only checked by the caller.
+    async def encode_texts(
+        self, texts: Sequence[str], timeout_s: float | None = None
+    ) -> np.ndarray:
         return self.embed_texts(texts)
 
-    async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+    async def encode_images(self, pixels: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
         return self.embed_images(pixels)

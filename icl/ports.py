@@ -1,21 +1,28 @@
 """The small interfaces that search, enrolment and THI depend on.
 
 Adapters implement them: Triton (orchestrator/triton/encoders.py), Milvus
-(orchestrator/gallery.py), and in-process onnxruntime/torch for offline evaluation.
+(orchestrator/gallery.py), the crop store (orchestrator/crops.py), and in process
+(icl/onnx_encoders.py, orchestrator/memory_gallery.py) for offline evaluation and unit tests.
+Calls that can wait on a server carry the caller's deadline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+# The caller's remaining time in seconds (None: no deadline), asked again at each step.
+Remaining = Callable[[], float | None]
+
 
 class TextEncoder(Protocol):
-    async def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Normalised embeddings [len(texts), D]."""
+    async def encode_texts(
+        self, texts: Sequence[str], timeout_s: float | None = None
+    ) -> np.ndarray:
+        """Normalised embeddings [len(texts), D], within `timeout_s` when given."""
         ...
 
 
@@ -25,9 +32,25 @@ class ImageEncoder(Protocol):
         """(height, width) that pixels must be resized to."""
         ...
 
-    async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [B, H, W, 3] -> normalised embeddings [B, D]."""
+    async def encode_images(self, pixels: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+        """uint8 [B, H, W, 3] -> normalised embeddings [B, D], within `timeout_s` when given."""
         ...
+
+
+class Encoders(TextEncoder, ImageEncoder, Protocol):
+    """Both towers of one dual encoder (their embeddings share one space)."""
+
+
+class Crops(Protocol):
+    """Where enrolled crops are kept for THI (the MLLM looks at the pixels)."""
+
+    def put_many(self, items: Iterable[tuple[str, bytes]]) -> None: ...
+
+    def load(self, image_ids: Sequence[str]) -> list[np.ndarray]:
+        """RGB uint8 arrays in the given order."""
+        ...
+
+    def delete(self, image_ids: Iterable[str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -64,8 +87,6 @@ class GalleryFilter:
 
 
 class Gallery(Protocol):
-    dim: int
-
     def upsert(self, records: Sequence[GalleryRecord]) -> None:
         """Store rows; a row with an existing id replaces it (and its cached VQA answers)."""
         ...
@@ -91,3 +112,9 @@ class Gallery(Protocol):
     def put_vqa(self, answers: Mapping[str, list[str]], model_key: str) -> None:
         """Cache answers per image id under `model_key`, keeping every other field."""
         ...
+
+    def reachable(self, timeout_s: float = 2.0) -> bool:
+        """Whether the store answers and holds the collection (the service's health)."""
+        ...
+
+    def close(self) -> None: ...

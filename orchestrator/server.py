@@ -36,7 +36,7 @@ from icl.orchestrator.gallery import (
 from icl.orchestrator.reflection import enable_reflection
 from icl.orchestrator.thi_search import ThiSearchResult, thi_search
 from icl.orchestrator.triton.encoders import EncoderUnavailable, TritonEncoders
-from icl.ports import GalleryHit, GalleryRecord
+from icl.ports import Crops, Encoders, Gallery, GalleryHit, GalleryRecord, Remaining
 from icl.thi.engine import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_XI, ThiParams
 from icl_api import pb
 from icl_api.client import MAX_MESSAGE_BYTES, timestamp
@@ -147,11 +147,16 @@ def _trace(result: ThiSearchResult) -> pb.ThiTrace:
 
 
 class PersonSearchService:
+    """The PersonSearch handlers. The logic (`search`, `enroll_batch`, `delete`) is typed
+    against the ports and takes the caller's remaining time as a function, so it runs with
+    Triton and Milvus here and with in-process adapters in unit tests; the gRPC methods
+    (`Search`, `Enroll`, `Delete`) only parse, call it and map failures to status codes."""
+
     def __init__(
         self,
-        encoders: TritonEncoders,
-        gallery: MilvusGallery,
-        crops: CropStore | None = None,
+        encoders: Encoders,
+        gallery: Gallery,
+        crops: Crops | None = None,
         mllm: Mllm | None = None,
         mllm_timeout_s: float = 20.0,
         thi_schedule: str = "lean",
@@ -185,11 +190,9 @@ class PersonSearchService:
 
     async def Search(self, request: Any, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         await _reject_malformed(request, context)
-        return await self._guard(context, self._search(request, context))
+        return await self._guard(context, self.search(request, context.time_remaining))
 
-    async def _search(
-        self, request: pb.SearchRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SearchResponse:
+    async def search(self, request: pb.SearchRequest, remaining: Remaining) -> pb.SearchResponse:
         query = v.check_search(request)
         thi = (
             _thi_params(request, self.thi_schedule, self.thi_walk) if request.thi.enabled else None
@@ -206,17 +209,15 @@ class PersonSearchService:
                 raise v.InvalidRequest(
                     grpc.StatusCode.NOT_FOUND, f"no gallery image comes from camera(s) {unknown}"
                 )
-        vectors = await self.encoders.encode_texts([query.text], context.time_remaining())
+        vectors = await self.encoders.encode_texts([query.text], remaining())
         if thi is None:
             hits = await self._in_gallery(self.gallery.search, vectors[0], query.top_k, query.where)
             return pb.SearchResponse(hits=[_hit(h) for h in hits])
         assert self.mllm is not None and self.crops is not None
-        remaining = context.time_remaining()
+        left = remaining()
         # The MLLM gets the configured time, but never more than 80% of what is left of the
         # request's deadline: the rest is for fusing and answering.
-        budget = (
-            self.mllm_timeout_s if remaining is None else min(self.mllm_timeout_s, 0.8 * remaining)
-        )
+        budget = self.mllm_timeout_s if left is None else min(self.mllm_timeout_s, 0.8 * left)
         result = await thi_search(
             query.text,
             vectors[0],
@@ -225,7 +226,7 @@ class PersonSearchService:
             thi,
             gallery=self.gallery,
             in_gallery=self._in_gallery,
-            encode_texts=lambda texts: self.encoders.encode_texts(texts, context.time_remaining()),
+            encode_texts=lambda texts: self.encoders.encode_texts(texts, remaining()),
             mllm=self.mllm,
             crops=self.crops,
             mllm_timeout_s=budget,
@@ -244,7 +245,9 @@ class PersonSearchService:
                 await _reject_malformed(request, context)
                 stored = asyncio.get_running_loop().create_future()
                 pending.append(
-                    asyncio.create_task(self._enroll_batch(request, context, previous, stored))
+                    asyncio.create_task(
+                        self.enroll_batch(request, context.time_remaining, previous, stored)
+                    )
                 )
                 previous = stored
                 if len(pending) >= ENROLL_PIPELINE:
@@ -255,15 +258,16 @@ class PersonSearchService:
             for task in pending:
                 task.cancel()
 
-    async def _enroll_batch(
+    async def enroll_batch(
         self,
         request: pb.EnrollRequest,
-        context: grpc.aio.ServicerContext,
+        remaining: Remaining,
         previous: asyncio.Future[None] | None = None,
         stored: asyncio.Future[None] | None = None,
     ) -> pb.EnrollResponse:
+        """Store one batch; upserts after `previous` is stored, sets `stored` when done."""
         try:
-            return await self._enroll_batch_in_order(request, context, previous)
+            return await self._enroll_batch_in_order(request, remaining, previous)
         finally:
             if stored is not None and not stored.done():
                 stored.set_result(None)  # the next batch may upsert now
@@ -271,7 +275,7 @@ class PersonSearchService:
     async def _enroll_batch_in_order(
         self,
         request: pb.EnrollRequest,
-        context: grpc.aio.ServicerContext,
+        remaining: Remaining,
         previous: asyncio.Future[None] | None,
     ) -> pb.EnrollResponse:
         items = list(request.images)
@@ -299,7 +303,7 @@ class PersonSearchService:
 
             # The crop write waits on the disk, not the CPU: overlap it with the encoder.
             embeddings, _ = await asyncio.gather(
-                self.encoders.encode_images(pixels, context.time_remaining()), store_crops()
+                self.encoders.encode_images(pixels, remaining()), store_crops()
             )
             records = [
                 GalleryRecord(
@@ -321,20 +325,18 @@ class PersonSearchService:
 
     async def Delete(self, request: Any, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         await _reject_malformed(request, context)
+        return await self._guard(context, self.delete(request))
 
-        async def delete() -> pb.DeleteResponse:
-            ids, where = v.check_delete(request)
-            removed = await self._in_gallery(self.gallery.delete, ids, where)
-            if self.crops is not None:
-                # After the rows: a crash in between leaves crops no search can reach, never
-                # a row whose crop THI cannot load. A deleted image keeps no pixels here. By
-                # ids alone, every listed id is now absent, so a crop left by such a crash
-                # goes too.
-                doomed = list(ids) if ids and where.empty else removed
-                await asyncio.to_thread(self.crops.delete, doomed)
-            return pb.DeleteResponse(deleted=len(removed))
-
-        return await self._guard(context, delete())
+    async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        ids, where = v.check_delete(request)
+        removed = await self._in_gallery(self.gallery.delete, ids, where)
+        if self.crops is not None:
+            # After the rows: a crash in between leaves crops no search can reach, never a
+            # row whose crop THI cannot load. A deleted image keeps no pixels here. By ids
+            # alone, every listed id is now absent, so a crop left by such a crash goes too.
+            doomed = list(ids) if ids and where.empty else removed
+            await asyncio.to_thread(self.crops.delete, doomed)
+        return pb.DeleteResponse(deleted=len(removed))
 
     def close(self) -> None:
         self._gallery_thread.shutdown(wait=True)

@@ -1,4 +1,5 @@
-"""Search with THI online: the engine of icl.thi over Milvus, the crop store and Triton.
+"""Search with THI online: the engine of icl.thi over the Gallery, Crops and Mllm ports
+(Milvus, the crop store and Triton in the service).
 
 Fusion needs every image's base and refined score. Online the gallery is only reachable by
 nearest-neighbour search, so the pool is the union of the base query's and the refined
@@ -17,9 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from icl.mllm.contract import Mllm
-from icl.orchestrator.crops import CropStore
-from icl.orchestrator.gallery import MilvusGallery
-from icl.ports import GalleryFilter, GalleryHit
+from icl.ports import Crops, Gallery, GalleryFilter, GalleryHit
 from icl.thi.engine import (
     MLLM_TIMEOUT,
     NO_ANCHOR_NO_CANDIDATES,
@@ -67,11 +66,11 @@ async def thi_search(
     where: GalleryFilter,
     params: ThiParams,
     *,
-    gallery: MilvusGallery,
+    gallery: Gallery,
     in_gallery: InGallery,
     encode_texts: Callable[[Sequence[str]], Awaitable[np.ndarray]],
     mllm: Mllm,
-    crops: CropStore,
+    crops: Crops,
     mllm_timeout_s: float,
 ) -> ThiSearchResult:
     pool_n = max(POOL, top_k, params.candidates)
