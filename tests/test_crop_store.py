@@ -10,6 +10,8 @@ from icl.images import encode_png
 from icl.orchestrator.crops import CropMissing, CropStore
 from tests.helpers import unit_vectors
 
+pytestmark = pytest.mark.unit  # pure and fast: no server
+
 
 def _png(seed: int) -> bytes:
     pixels = (unit_vectors(16 * 8, 3, seed=seed).reshape(16, 8, 3) * 127 + 128).astype("uint8")

@@ -9,10 +9,9 @@ import time
 import grpc
 import pytest
 
-from icl.orchestrator.client import search_request
-from icl.reid.v1 import person_search_pb2 as pb
-from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
 from icl.synthetic.demo_gallery import demo_gallery
+from icl_api import pb, pb_grpc
+from icl_api.client import search_request
 from tests.helpers import enroll_all, gallery_images, start_milvus_server, start_orchestrator
 
 RECOVERY_S = 60

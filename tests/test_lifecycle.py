@@ -17,13 +17,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from icl.export.mllm_repository import write_mllm_model
-from icl.orchestrator.client import search_request
 from icl.orchestrator.server import SERVICE_NAME
 from icl.orchestrator.triton.mllm import TritonMllm
 from icl.orchestrator.tritonserver import TritonServer
-from icl.reid.v1 import person_search_pb2 as pb
-from icl.reid.v1 import person_search_pb2_grpc as pb_grpc
 from icl.synthetic.demo_gallery import demo_gallery, demo_queries
+from icl_api import pb, pb_grpc
+from icl_api.client import search_request
 from tests.helpers import enroll_all, gallery_images, start_orchestrator, start_triton
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -5,6 +5,8 @@ import pytest
 
 from icl.metrics import retrieval_metrics
 
+pytestmark = pytest.mark.unit  # pure and fast: no server
+
 
 def test_single_query_multiple_positives():
     # Ranking: g0 (id 7), g1 (id 3), g2 (id 7), g3 (id 5) -> positives at ranks 1 and 3.

@@ -21,6 +21,8 @@ from icl.data import (
 )
 
 # Per format: (splits written, captions per record, subfolder pattern of the image paths).
+pytestmark = pytest.mark.unit  # pure and fast: no server
+
 LAYOUT = {
     "cuhk-pedes": (("train", "val", "test"), 2, "CUHK0{pid}"),
     "icfg-pedes": (("train", "test"), 1, "{split}/{pid:04d}"),

@@ -35,6 +35,8 @@ from icl.synthetic.schema import (
     visible_attributes,
 )
 
+pytestmark = pytest.mark.unit  # pure and fast: no server
+
 
 def _files(root: Path) -> dict[str, bytes]:
     return {
@@ -253,7 +255,6 @@ def test_back_view_hides_the_face_and_the_print() -> None:
                 assert m.get("upper_pattern") != "logo"
 
 
-@pytest.mark.unit
 def test_schema_stands_alone_for_the_demo_mllm() -> None:
     """The serving path (demo MLLM) needs the attribute list only: no drawing, no captions."""
     code = (

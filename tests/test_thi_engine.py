@@ -27,6 +27,8 @@ from icl.thi.engine import (
     run_thi,
 )
 
+pytestmark = pytest.mark.unit  # pure and fast: no server
+
 
 class ScriptedMllm:
     """P(Yes) from a table; VQA answers derived from the image id; aggregation joins."""
@@ -171,7 +173,6 @@ def test_lean_schedules_equal_reference_on_random_matrices() -> None:
     assert trips["batched"] <= trips["lazy"]
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize(
     ("xi", "answers", "want"),
     [
@@ -229,7 +230,6 @@ def _table(text: str, answers: list[float]) -> dict[tuple[str, int], float]:
     return {(prompt, g): p for g, p in enumerate(answers)}
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("schedule", ["reference", "lazy", "batched"])
 @pytest.mark.parametrize(
     ("s1", "xi", "answers", "want"),
@@ -260,7 +260,6 @@ def test_the_trace_says_why_the_base_ranking_is_kept(
     assert not out.failed
 
 
-@pytest.mark.unit
 def test_no_candidates_is_a_no_anchor_reason() -> None:
     out = asyncio.run(run_thi("a man", [], [], load, ScriptedMllm({}), ThiParams(), None))
     assert out.anchor is None and out.fallback_reason == NO_ANCHOR_NO_CANDIDATES

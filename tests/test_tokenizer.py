@@ -1,4 +1,8 @@
+import pytest
+
 from icl.text.tokenizer import EOT_ID, SOT_ID, ClipTokenizer
+
+pytestmark = pytest.mark.unit  # pure and fast: no server
 
 
 def test_matches_clip_reference_ids():
