@@ -1,4 +1,4 @@
-"""Retrieval metrics with the IRRA/RDE definitions (ICL-METHOD.md section 3).
+"""Retrieval metrics with the IRRA/RDE definitions (docs/method.md section 3).
 
 Each query ranks the whole gallery; positives are the gallery images with the query's
 person id. Ties are broken by gallery order (a stable sort), so results are reproducible.

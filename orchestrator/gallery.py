@@ -7,7 +7,7 @@ typed values that match the strict patterns in `validation`, and every string is
 with json.dumps, so no request value can change the meaning of an expression.
 
 The adapter hides what differs between Milvus Lite 3.x and a Milvus 2.3+ server
-(/work/shared/PLATFORM-NOTES.md): index params sent flat and nested, upsert only (duplicate
+(measured in docs/gallery.md): index params sent flat and nested, upsert only (duplicate
 keys behave differently), explicit output fields, load at start, Session consistency for
 read-your-writes, counts by query, delete counts taken before deleting, vector checks,
 and Lite's MemTable: rows it has not flushed are searched by a Python loop that converts each

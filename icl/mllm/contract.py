@@ -6,7 +6,7 @@ Two calls:
   the Yes vs No next-token logits (never by reading generated text), batched in one request;
 - `generate(images, prompt)`: text for a prompt about zero or more images (the 15-question
   VQA of one image; the text-only aggregation).
-Prompts are the paper's (ICL-METHOD.md section 4), built here so every backend sees the same
+Prompts are the paper's (docs/method.md section 4), built here so every backend sees the same
 words. `model_key` names the model and its version: cached VQA answers are keyed by it.
 """
 

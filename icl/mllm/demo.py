@@ -186,7 +186,7 @@ def _value_phrase(attr: str, value: str) -> str | None:
     return None
 
 
-# Which attributes answer which of the 15 questions (ICL-METHOD.md section 4).
+# Which attributes answer which of the 15 questions (docs/method.md section 4).
 QUESTION_ATTRIBUTES: tuple[tuple[str, ...], ...] = (
     ("gender",),
     ("hair_length", "hair_colour"),

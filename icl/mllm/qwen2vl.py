@@ -20,9 +20,9 @@ How the contract is met:
   concatenated streamed text, stripped, so a streamed copy joined by a client is identical.
 
 Why no `Qwen2VLProcessor`: in transformers 5.24 constructing it needs torchvision (its video
-processor base class), which cannot live beside torch 2.13 here (PLATFORM-NOTES.md). The
-processor's only job for images is to repeat the image token once per merged patch; that is
-done in `_expand_image_tokens`, with the PIL image processor.
+processor base class), which does not work beside torch 2.13+cpu (its operators fail to
+register). The processor's only job for images is to repeat the image token once per merged
+patch; that is done in `_expand_image_tokens`, with the PIL image processor.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The RDE-style dual encoder: any image/text towers, BGE and TSE heads, one served vector.
 
-Score(q, g) = (cos(BGE_q, BGE_g) + cos(TSE_q, TSE_g)) / 2 (ICL-METHOD.md section 2). Each
+Score(q, g) = (cos(BGE_q, BGE_g) + cos(TSE_q, TSE_g)) / 2 (docs/method.md section 2). Each
 branch serves [BGE/|BGE|, TSE/|TSE|] / sqrt(2), so one inner product of two served vectors
 is exactly that score and the gallery stores one vector per image. Without TSE the served
 vector is the normalised BGE and the score is its cosine.

@@ -1,4 +1,4 @@
-"""THI: test-time human-centred interaction (ICL-METHOD.md section 4), as pure logic.
+"""THI: test-time human-centred interaction (docs/method.md section 4), as pure logic.
 
 The engine sees a query, its top-K candidates of the base ranking (ids and base scores), a
 way to load candidate crops, an MLLM behind `icl.mllm.contract.Mllm`, and a VQA cache. It

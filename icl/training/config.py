@@ -12,7 +12,7 @@ from icl.models.config import ModelConfig
 
 
 class TrainConfig(BaseModel):
-    """Optimisation and augmentation. Defaults are the paper's (ICL-METHOD.md section 2)."""
+    """Optimisation and augmentation. Defaults are the paper's (docs/method.md section 2)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

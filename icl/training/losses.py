@@ -1,4 +1,4 @@
-"""Training objectives of ICL-METHOD.md section 2: TAL (RDE) and SDM (IRRA).
+"""Training objectives of docs/method.md section 2: TAL (RDE) and SDM (IRRA).
 
 Both take L2-normalised image and text features of a batch of (image, caption) pairs and
 the person ids; every pair of the same id is a positive, in both directions.
