@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from icl.orchestrator.supervisor import ProcessSupervisor, ServerStartError, http_ok
+from icl.orchestrator.supervisor import (
+    ProcessSupervisor,
+    ServerStartError,
+    SupervisedServer,
+    http_ok,
+)
 from icl.orchestrator.tritonserver import free_port
 
 # Components that otherwise advertise (and some bind) the machine's first network address.
@@ -60,7 +64,7 @@ class MilvusLaunchError(ServerStartError):
 
 
 @dataclass
-class MilvusServer:
+class MilvusServer(SupervisedServer):
     """A Milvus standalone process whose data lives under `data_dir`. Call stop() when done.
 
     If it dies on its own it is reaped at once; `running` turns False and `returncode` says
@@ -76,24 +80,6 @@ class MilvusServer:
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def process(self) -> subprocess.Popen[bytes] | None:
-        """The server process, from start() until stop()."""
-        return self._supervisor.process if self._supervisor is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._supervisor is not None and self._supervisor.running
-
-    @property
-    def returncode(self) -> int | None:
-        """How the last run ended (negative: killed by that signal); None while running."""
-        return self._supervisor.returncode if self._supervisor is not None else None
-
-    def wait(self, timeout_s: float | None = None) -> int | None:
-        """Block until the server has exited; its return code, or None."""
-        return self._supervisor.wait(timeout_s) if self._supervisor is not None else None
 
     @property
     def log_path(self) -> Path:

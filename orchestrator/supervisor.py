@@ -252,3 +252,28 @@ class ProcessSupervisor:
         """The last non-empty log lines on one line, and where the full log is."""
         text = [ln.strip() for ln in self.log_text().splitlines() if ln.strip()]
         return " | ".join(text[-lines:] or ["(empty log)"]) + f" (full log: {self.log_path})"
+
+
+class SupervisedServer:
+    """What a server launcher exposes about its supervised process (`_supervisor` is set by
+    its start())."""
+
+    _supervisor: ProcessSupervisor | None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The server process, from start() until stop()."""
+        return self._supervisor.process if self._supervisor is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._supervisor is not None and self._supervisor.running
+
+    @property
+    def returncode(self) -> int | None:
+        """How the last run ended (negative: killed by that signal); None while running."""
+        return self._supervisor.returncode if self._supervisor is not None else None
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the server has exited and was cleaned up; its return code, or None."""
+        return self._supervisor.wait(timeout_s) if self._supervisor is not None else None

@@ -16,14 +16,18 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import sysconfig
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icl.orchestrator.supervisor import ProcessSupervisor, ServerStartError, http_ok
+from icl.orchestrator.supervisor import (
+    ProcessSupervisor,
+    ServerStartError,
+    SupervisedServer,
+    http_ok,
+)
 
 _LOAD_FAILURE_MARKERS = ("failed to load", "Invalid argument", "error:", "unexpected")
 
@@ -73,7 +77,7 @@ def _environment() -> dict[str, str]:
 
 
 @dataclass
-class TritonServer:
+class TritonServer(SupervisedServer):
     """A tritonserver process on loopback ports. Use as a context manager or call stop().
 
     If the server dies on its own, its stubs and shared memory are cleaned up at once;
@@ -95,24 +99,6 @@ class TritonServer:
     @property
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def process(self) -> subprocess.Popen[bytes] | None:
-        """The server process, from start() until stop()."""
-        return self._supervisor.process if self._supervisor is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._supervisor is not None and self._supervisor.running
-
-    @property
-    def returncode(self) -> int | None:
-        """How the last run ended (negative: killed by that signal); None while running."""
-        return self._supervisor.returncode if self._supervisor is not None else None
-
-    def wait(self, timeout_s: float | None = None) -> int | None:
-        """Block until the server has exited and was cleaned up; its return code, or None."""
-        return self._supervisor.wait(timeout_s) if self._supervisor is not None else None
 
     def command(self) -> list[str]:
         backends = ensure_python_backend()
