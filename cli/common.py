@@ -10,18 +10,65 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from icl_api.client import DEFAULT_ADDRESS
+from icl_api.client import DEFAULT_ADDRESS, TlsOptions
 
 console = Console()
 err = Console(stderr=True)
 
 WORKDIR = Path(".icl")
 __all__ = ["DEFAULT_ADDRESS", "WORKDIR", "console", "err", "fail"]
+
+# The connection options of the client commands (`icl search`, `icl enroll`). The token is
+# never shown: no default in --help, and no command prints it.
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="ICL_TOKEN",
+        help="Bearer token for the service (better from the environment: ICL_TOKEN).",
+        show_default=False,
+    ),
+]
+TlsFlag = Annotated[
+    bool,
+    typer.Option(
+        "--tls", envvar="ICL_TLS", help="TLS with the system's trusted CAs (implied by --ca-file)."
+    ),
+]
+CaFileOption = Annotated[
+    Path | None,
+    typer.Option(envvar="ICL_CA_FILE", help="TLS: trust this CA (PEM).", show_default=False),
+]
+CertFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="ICL_CERT_FILE", help="Mutual TLS: client certificate (PEM).", show_default=False
+    ),
+]
+KeyFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="ICL_KEY_FILE", help="Mutual TLS: the client key (PEM).", show_default=False
+    ),
+]
+
+
+def tls_options(
+    tls: bool, ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> TlsOptions | None:
+    """The client's TLS options from the command line (None: plaintext)."""
+    if (cert_file is None) != (key_file is None):
+        raise fail("--cert-file and --key-file go together (mutual TLS)")
+    if not (tls or ca_file or cert_file):
+        return None
+    for path in (ca_file, cert_file, key_file):
+        if path is not None and not path.is_file():
+            raise fail(f"TLS: {path} is not a readable file")
+    return TlsOptions(ca_file, cert_file, key_file)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

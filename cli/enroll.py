@@ -22,8 +22,20 @@ import grpc
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from icl.cli.common import DEFAULT_ADDRESS, console, err, fail
+from icl.cli.common import (
+    DEFAULT_ADDRESS,
+    CaFileOption,
+    CertFileOption,
+    KeyFileOption,
+    TlsFlag,
+    TokenOption,
+    console,
+    err,
+    fail,
+    tls_options,
+)
 from icl_api import AsyncPersonSearchClient, gallery_image, pb
+from icl_api.client import TlsOptions, open_channel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -144,7 +156,13 @@ def _gallery_images(items: list[Item], summary: Summary) -> Iterator[Any]:
 
 
 async def enroll_items(
-    address: str, items: list[Item], batch_size: int, timeout_s: float | None, quiet: bool
+    address: str,
+    items: list[Item],
+    batch_size: int,
+    timeout_s: float | None,
+    quiet: bool,
+    tls: TlsOptions | None = None,
+    token: str | None = None,
 ) -> Summary:
     summary = Summary(reasons={})
     progress = Progress(
@@ -159,7 +177,7 @@ async def enroll_items(
     with progress:
         task = progress.add_task("enroll", total=len(items), rate="")
         start = asyncio.get_running_loop().time()
-        async with AsyncPersonSearchClient(address) as client:
+        async with AsyncPersonSearchClient(address, tls=tls, token=token) as client:
             async for response in client.enroll(
                 _gallery_images(items, summary), batch_size, timeout_s
             ):
@@ -176,9 +194,10 @@ async def enroll_items(
     return summary
 
 
-def service_reachable(address: str, timeout_s: float = 2.0) -> bool:
-    """Whether a fresh connection to `address` comes up within `timeout_s`."""
-    with grpc.insecure_channel(address) as channel:
+def service_reachable(address: str, timeout_s: float = 2.0, tls: TlsOptions | None = None) -> bool:
+    """Whether a fresh connection to `address` comes up within `timeout_s` (with TLS: the
+    handshake too, with the same options as the load)."""
+    with open_channel(address, tls) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
@@ -201,6 +220,11 @@ def enroll_command(
         float | None, typer.Option(help="Deadline in seconds for the whole load.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    token: TokenOption = None,
+    tls: TlsFlag = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
 ) -> None:
     """Enrol crops into a running PersonSearch service (idempotent: re-run to resume)."""
     try:
@@ -209,11 +233,17 @@ def enroll_command(
         raise fail(str(exc)) from None
     if not items:
         raise fail(f"{source} holds no crops ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    tls_opts = tls_options(tls, ca_file, cert_file, key_file)
     try:
-        summary = asyncio.run(enroll_items(address, items, batch_size, timeout, quiet))
+        summary = asyncio.run(
+            enroll_items(address, items, batch_size, timeout, quiet, tls_opts, token)
+        )
     except grpc.RpcError as exc:
         resume = "what was acknowledged is stored: run the same command again to finish"
-        if not service_reachable(address):
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # The service is there and refused this token: nothing about it going away.
+            raise fail(f"{exc.code().name}: {exc.details()} ({address})") from None
+        if not service_reachable(address, tls=tls_opts):
             # A stream cut by a dying server surfaces as INTERNAL ("Internal error from
             # Core") or CANCELLED; what the user needs to know is that the service went away.
             raise fail(

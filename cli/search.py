@@ -9,7 +9,18 @@ import grpc
 import typer
 from rich.table import Table
 
-from icl.cli.common import DEFAULT_ADDRESS, console, fail, parse_time
+from icl.cli.common import (
+    DEFAULT_ADDRESS,
+    CaFileOption,
+    CertFileOption,
+    KeyFileOption,
+    TlsFlag,
+    TokenOption,
+    console,
+    fail,
+    parse_time,
+    tls_options,
+)
 from icl.thi.engine import is_failure
 from icl_api import PersonSearchClient, search_request
 
@@ -54,6 +65,11 @@ def search(
     xi: Annotated[float | None, typer.Option(help="THI's xi (default 0.5).")] = None,
     lam: Annotated[float | None, typer.Option("--lambda", help="THI's lambda (0.8).")] = None,
     candidates: Annotated[int | None, typer.Option(help="THI's K (default 5).")] = None,
+    token: TokenOption = None,
+    tls: TlsFlag = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
 ) -> None:
     """Search the gallery of a running PersonSearch service and print the ranked hits."""
     request = search_request(
@@ -67,8 +83,9 @@ def search(
             setattr(request.thi, "lambda", lam)
         if candidates is not None:
             request.thi.candidates = candidates
+    tls_opts = tls_options(tls, ca_file, cert_file, key_file)
     try:
-        with PersonSearchClient(address, timeout_s=timeout) as client:
+        with PersonSearchClient(address, tls=tls_opts, token=token, timeout_s=timeout) as client:
             response = client.search(request)
     except grpc.RpcError as exc:
         raise fail(f"{exc.code().name}: {exc.details()} ({address})") from None

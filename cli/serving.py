@@ -137,14 +137,50 @@ def serve(
             "to finish.",
         ),
     ] = 30.0,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ICL_TLS_CERT",
+            help="Serve TLS with this certificate chain (PEM); needs --tls-key.",
+            show_default=False,
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(envvar="ICL_TLS_KEY", help="The certificate's key (PEM).", show_default=False),
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ICL_TLS_CLIENT_CA",
+            help="Require client certificates signed by this CA (PEM): mutual TLS.",
+            show_default=False,
+        ),
+    ] = None,
+    tokens_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ICL_TOKENS_FILE",
+            help="Bearer tokens and their permissions (search, enroll, admin), TOML or JSON; "
+            "format in docs/serving.md. None: no authentication (loopback only).",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus."""
+    from icl.orchestrator.auth import TokensFileError, TokenTable
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
 
     setup_logging(verbose)
     if thi_schedule not in ("lean", "reference") or thi_walk not in ("lazy", "batched"):
         raise fail("--thi-schedule is lean|reference and --thi-walk is lazy|batched")
+    if tls_client_ca is not None and tls_cert is None:
+        raise fail("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    try:
+        tokens = TokenTable.load(tokens_file) if tokens_file is not None else None
+    except TokensFileError as exc:
+        raise fail(str(exc)) from None
     config = OrchestratorConfig(
         triton_url,
         milvus_uri,
@@ -162,7 +198,15 @@ def serve(
         filtered_search_ef=filtered_search_ef,
         health_poll_s=health_poll_s,
         grace_s=grace_s,
+        tls_cert=str(tls_cert or ""),
+        tls_key=str(tls_key or ""),
+        tls_client_ca=str(tls_client_ca or ""),
+        tokens=tokens,
     )
+    try:
+        config.server_credentials()  # unreadable or unpaired PEM files fail here, not later
+    except (OSError, ValueError) as exc:
+        raise fail(f"TLS: {exc}") from None
 
     async def run() -> None:
         orchestrator = Orchestrator(config)

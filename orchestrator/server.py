@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from icl.images import ImageRejected, decode_crop
 from icl.mllm.contract import Mllm
 from icl.orchestrator import validation as v
+from icl.orchestrator.auth import TokenAuth, TokenTable
 from icl.orchestrator.crops import CropStore
 from icl.orchestrator.gallery import (
     FILTERED_SEARCH_EF,
@@ -78,13 +80,46 @@ class OrchestratorConfig:
     # SIGTERM: how long in-flight calls (THI searches, Enroll streams) may take to finish
     # before they are cut.
     grace_s: float = 30.0
+    # TLS: the server's certificate chain and key (PEM files; "" = plaintext), and a CA whose
+    # client certificates are required (mutual TLS; "" = no client certificate asked for).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Bearer tokens and their permissions (None: no authentication, for loopback only).
+    tokens: TokenTable | None = None
 
-    def __repr__(self) -> str:  # keep the token out of every log line and traceback
+    def __repr__(self) -> str:  # keep the tokens out of every log line and traceback
+        tls = "mutual" if self.tls_client_ca else "on" if self.tls_cert else "off"
         return (
             f"OrchestratorConfig(triton_url={self.triton_url!r}, milvus_uri={self.milvus_uri!r}, "
             f"collection={self.collection!r}, host={self.host!r}, port={self.port}, "
-            f"mllm_model={self.mllm_model!r})"
+            f"mllm_model={self.mllm_model!r}, tls={tls}, "
+            f"tokens={len(self.tokens) if self.tokens else 'off'})"
         )
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials from the configured PEM files (None: plaintext)."""
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        client_ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 with or without brackets) is loopback."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class _Malformed:
@@ -475,6 +510,15 @@ class Orchestrator:
 
     async def start(self) -> None:
         cfg = self.config
+        credentials = cfg.server_credentials()
+        if not is_loopback(cfg.host) and credentials is None and not cfg.tokens:
+            # Said first, before any dependency can fail the start.
+            log.warning(
+                "PersonSearch will listen on %s without TLS and without tokens: anyone who can "
+                "reach it may search, enrol and delete. Configure --tls-cert/--tls-key and "
+                "--tokens-file, or keep --host 127.0.0.1",
+                cfg.host,
+            )
         self._encoders = TritonEncoders(cfg.triton_url, cfg.triton_timeout_s)
         await self._encoders.start(cfg.triton_ready_timeout_s)
         gallery = await asyncio.to_thread(
@@ -504,8 +548,12 @@ class Orchestrator:
         self._service = PersonSearchService(
             self._encoders, gallery, crops, mllm, cfg.mllm_timeout_s, cfg.thi_schedule, cfg.thi_walk
         )
+        # Authentication first: a refused call never counts as in flight.
+        interceptors: list[grpc.aio.ServerInterceptor] = [self._calls]
+        if cfg.tokens:
+            interceptors.insert(0, TokenAuth(cfg.tokens, SERVICE_NAME))
         server = grpc.aio.server(
-            interceptors=[self._calls],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -515,7 +563,11 @@ class Orchestrator:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         await server.start()

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from icl.cli.demo import demo_enroll_item
 from icl.orchestrator.tritonserver import TritonServer, free_port
 from icl.synthetic.demo_gallery import DemoImage
 from icl_api import pb
+from icl_api.client import TlsOptions, open_channel
 
 
 def gallery_images(demo: Iterable[DemoImage]) -> list[pb.GalleryImage]:
@@ -47,9 +48,10 @@ class RunningOrchestrator:
     process: subprocess.Popen[bytes]
     address: str
     log: Path
+    tls: TlsOptions | None = None  # how to reach it when it serves TLS
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
+        return open_channel(self.address, self.tls)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -62,9 +64,15 @@ class RunningOrchestrator:
 
 
 def start_orchestrator(
-    triton_url: str, milvus_uri: Path, log: Path, **env: str
+    triton_url: str,
+    milvus_uri: Path,
+    log: Path,
+    args: Sequence[str] = (),
+    tls: TlsOptions | None = None,
+    **env: str,
 ) -> RunningOrchestrator:
-    """`icl serve` in its own process; returns once its gRPC health check says SERVING."""
+    """`icl serve` (with extra `args`) in its own process; returns once its gRPC health check
+    says SERVING, asked over TLS with `tls` when given."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -78,12 +86,13 @@ def start_orchestrator(
         "--port",
         str(port),
         "-v",
+        *args,
     ]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}
         )
-    running = RunningOrchestrator(proc, f"127.0.0.1:{port}", log)
+    running = RunningOrchestrator(proc, f"127.0.0.1:{port}", log, tls)
     deadline = time.monotonic() + 90
     with running.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
