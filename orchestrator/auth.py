@@ -201,7 +201,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler  # unknown methods get UNIMPLEMENTED as before
-        token = bearer_token(details.invocation_metadata)  # type: ignore[attr-defined]
+        token = bearer_token(details.invocation_metadata)
         principal = self.tokens.lookup(token) if token is not None else None
         if principal is None:
             why = "no bearer token" if token is None else "an unknown token"
