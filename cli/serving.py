@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -137,12 +138,31 @@ def serve(
             "to finish.",
         ),
     ] = 30.0,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            envvar="ICL_METRICS_PORT",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).",
+        ),
+    ] = 0,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            envvar="ICL_LOG_FORMAT",
+            help="text | json (one object per line: time, level, logger, message, request_id).",
+        ),
+    ] = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus."""
+    from icl.orchestrator.logs import LOG_FORMATS
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
 
-    setup_logging(verbose)
+    if log_format not in LOG_FORMATS:
+        raise fail(f"--log-format is {' | '.join(LOG_FORMATS)}, not {log_format!r}")
+    setup_logging(verbose, log_format)
     if thi_schedule not in ("lean", "reference") or thi_walk not in ("lazy", "batched"):
         raise fail("--thi-schedule is lean|reference and --thi-walk is lazy|batched")
     config = OrchestratorConfig(
@@ -162,6 +182,7 @@ def serve(
         filtered_search_ef=filtered_search_ef,
         health_poll_s=health_poll_s,
         grace_s=grace_s,
+        metrics_port=metrics_port,
     )
 
     async def run() -> None:
@@ -169,7 +190,10 @@ def serve(
         stop = asyncio.Event()
         install_stop_signals(stop)
         await start_or_fail(orchestrator)
-        console.print(f"PersonSearch serving on {orchestrator.address}", highlight=False)
+        if log_format == "json":  # stdout too stays one JSON object per line
+            logging.getLogger("icl.cli").info("PersonSearch serving on %s", orchestrator.address)
+        else:
+            console.print(f"PersonSearch serving on {orchestrator.address}", highlight=False)
         try:
             await stop.wait()
         finally:
