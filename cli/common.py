@@ -77,11 +77,16 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(verbose: bool, log_format: str | None = None) -> None:
+    """Root logging; `log_format` (text | json, the service's, with request ids) or the
+    plain format when None."""
+    level = logging.INFO if verbose else logging.WARNING
+    if log_format is None:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    from icl.orchestrator.logs import configure_logging
+
+    configure_logging(level, log_format)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

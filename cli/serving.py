@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -166,13 +167,32 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            envvar="ICL_METRICS_PORT",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).",
+        ),
+    ] = 0,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            envvar="ICL_LOG_FORMAT",
+            help="text | json (one object per line: time, level, logger, message, request_id).",
+        ),
+    ] = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus."""
     from icl.orchestrator.auth import TokensFileError, TokenTable
+    from icl.orchestrator.logs import LOG_FORMATS
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
 
-    setup_logging(verbose)
+    if log_format not in LOG_FORMATS:
+        raise fail(f"--log-format is {' | '.join(LOG_FORMATS)}, not {log_format!r}")
+    setup_logging(verbose, log_format)
     if thi_schedule not in ("lean", "reference") or thi_walk not in ("lazy", "batched"):
         raise fail("--thi-schedule is lean|reference and --thi-walk is lazy|batched")
     if tls_client_ca is not None and tls_cert is None:
@@ -202,6 +222,7 @@ def serve(
         tls_key=str(tls_key or ""),
         tls_client_ca=str(tls_client_ca or ""),
         tokens=tokens,
+        metrics_port=metrics_port,
     )
     try:
         config.server_credentials()  # unreadable or unpaired PEM files fail here, not later
@@ -213,7 +234,10 @@ def serve(
         stop = asyncio.Event()
         install_stop_signals(stop)
         await start_or_fail(orchestrator)
-        console.print(f"PersonSearch serving on {orchestrator.address}", highlight=False)
+        if log_format == "json":  # stdout too stays one JSON object per line
+            logging.getLogger("icl.cli").info("PersonSearch serving on %s", orchestrator.address)
+        else:
+            console.print(f"PersonSearch serving on {orchestrator.address}", highlight=False)
         try:
             await stop.wait()
         finally:

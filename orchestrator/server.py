@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from icl.orchestrator.gallery import (
     MilvusGallery,
     is_local_uri,
 )
+from icl.orchestrator.metrics import ObservedCalls, ServiceMetrics, TimedMllm
 from icl.orchestrator.reflection import enable_reflection
 from icl.orchestrator.thi_search import ThiSearchResult, thi_search
 from icl.orchestrator.triton.encoders import EncoderUnavailable, TritonEncoders
@@ -87,6 +89,8 @@ class OrchestratorConfig:
     tls_client_ca: str = ""
     # Bearer tokens and their permissions (None: no authentication, for loopback only).
     tokens: TokenTable | None = None
+    # Prometheus metrics over HTTP on this port of `host` (0: not served).
+    metrics_port: int = 0
 
     def __repr__(self) -> str:  # keep the tokens out of every log line and traceback
         tls = "mutual" if self.tls_client_ca else "on" if self.tls_cert else "off"
@@ -196,7 +200,11 @@ class PersonSearchService:
         mllm_timeout_s: float = 20.0,
         thi_schedule: str = "lean",
         thi_walk: str = "lazy",
+        metrics: ServiceMetrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else ServiceMetrics()
+        # Set by writes; the health monitor then recounts the gallery (gauge) once.
+        self._gallery_changed = True
         self.thi_schedule = thi_schedule
         self.thi_walk = thi_walk
         self.encoders = encoders
@@ -209,7 +217,27 @@ class PersonSearchService:
         self._gallery_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gallery")
 
     async def _in_gallery(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._gallery_thread, fn, *args)
+        # With the caller's context: log lines of the gallery thread keep the request id.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._gallery_thread, context.run, fn, *args
+        )
+
+    async def _encode_texts(self, texts: Sequence[str], remaining: Remaining) -> np.ndarray:
+        with self.metrics.stage("text_encode"):
+            return await self.encoders.encode_texts(texts, remaining())
+
+    async def refresh_gallery_size(self) -> None:
+        """Recount the gallery for the gauge, when a write may have changed it."""
+        if not self._gallery_changed:
+            return
+        self._gallery_changed = False
+        try:
+            size = await self._in_gallery(self.gallery.count)
+        except GalleryError:
+            self._gallery_changed = True  # try again at the next poll
+            raise
+        self.metrics.gallery_images.set(size)
 
     async def _guard(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
         """Run `work`, turning known failures into precise status codes."""
@@ -244,15 +272,19 @@ class PersonSearchService:
                 raise v.InvalidRequest(
                     grpc.StatusCode.NOT_FOUND, f"no gallery image comes from camera(s) {unknown}"
                 )
-        vectors = await self.encoders.encode_texts([query.text], remaining())
+        vectors = await self._encode_texts([query.text], remaining)
         if thi is None:
-            hits = await self._in_gallery(self.gallery.search, vectors[0], query.top_k, query.where)
+            with self.metrics.stage("gallery_search"):
+                hits = await self._in_gallery(
+                    self.gallery.search, vectors[0], query.top_k, query.where
+                )
             return pb.SearchResponse(hits=[_hit(h) for h in hits])
         assert self.mllm is not None and self.crops is not None
         left = remaining()
         # The MLLM gets the configured time, but never more than 80% of what is left of the
         # request's deadline: the rest is for fusing and answering.
         budget = self.mllm_timeout_s if left is None else min(self.mllm_timeout_s, 0.8 * left)
+        mllm = TimedMllm(self.mllm, self.metrics)  # counts this search's MLLM calls
         result = await thi_search(
             query.text,
             vectors[0],
@@ -261,11 +293,13 @@ class PersonSearchService:
             thi,
             gallery=self.gallery,
             in_gallery=self._in_gallery,
-            encode_texts=lambda texts: self.encoders.encode_texts(texts, remaining()),
-            mllm=self.mllm,
+            encode_texts=lambda texts: self._encode_texts(texts, remaining),
+            mllm=mllm,
             crops=self.crops,
             mllm_timeout_s=budget,
+            stage=self.metrics.stage,
         )
+        self.metrics.thi_mllm_calls.observe(mllm.calls)
         return pb.SearchResponse(hits=[_hit(h) for h in result.hits], thi_trace=_trace(result))
 
     async def Enroll(
@@ -336,10 +370,12 @@ class PersonSearchService:
                 if self.crops is not None:  # THI shows these crops to the MLLM later
                     await asyncio.to_thread(self.crops.put_many, crops)
 
+            async def encode() -> np.ndarray:
+                with self.metrics.stage("image_encode"):
+                    return await self.encoders.encode_images(pixels, remaining())
+
             # The crop write waits on the disk, not the CPU: overlap it with the encoder.
-            embeddings, _ = await asyncio.gather(
-                self.encoders.encode_images(pixels, remaining()), store_crops()
-            )
+            embeddings, _ = await asyncio.gather(encode(), store_crops())
             records = [
                 GalleryRecord(
                     image_id=items[i].image_id,
@@ -352,7 +388,9 @@ class PersonSearchService:
                 for (i, _), emb in zip(accepted, embeddings, strict=True)
             ]
             # store_crops awaited `previous`: a later batch never overwrites an earlier one's rows
-            await self._in_gallery(self.gallery.upsert, records)
+            with self.metrics.stage("gallery_upsert"):
+                await self._in_gallery(self.gallery.upsert, records)
+            self._gallery_changed = True
             for i, _ in accepted:  # acknowledged only after the upsert returned
                 results[i].status = pb.EnrollResult.ACCEPTED
                 results[i].reason = ""
@@ -365,6 +403,7 @@ class PersonSearchService:
     async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
         ids, where = v.check_delete(request)
         removed = await self._in_gallery(self.gallery.delete, ids, where)
+        self._gallery_changed = True
         if self.crops is not None:
             # After the rows: a crash in between leaves crops no search can reach, never a
             # row whose crop THI cannot load. A deleted image keeps no pixels here. By ids
@@ -503,6 +542,8 @@ class Orchestrator:
         self._health: health.aio.HealthServicer | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._calls = _CallTracker()
+        self.metrics = ServiceMetrics()  # this service's own registry
+        self._stop_metrics: Callable[[], None] | None = None
 
     @property
     def address(self) -> str:
@@ -546,12 +587,27 @@ class Orchestrator:
             await mllm.start(cfg.triton_ready_timeout_s)
             self._mllm = mllm
         self._service = PersonSearchService(
-            self._encoders, gallery, crops, mllm, cfg.mllm_timeout_s, cfg.thi_schedule, cfg.thi_walk
+            self._encoders,
+            gallery,
+            crops,
+            mllm,
+            cfg.mllm_timeout_s,
+            cfg.thi_schedule,
+            cfg.thi_walk,
+            self.metrics,
         )
-        # Authentication first: a refused call never counts as in flight.
-        interceptors: list[grpc.aio.ServerInterceptor] = [self._calls]
+        await self._refresh_gallery_size()
+        if cfg.metrics_port:
+            self._stop_metrics = self.metrics.serve(cfg.host, cfg.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", cfg.host, cfg.metrics_port)
+        # Observed first (every call is counted and gets its request id, refused ones too),
+        # then authentication (a refused call never counts as in flight), then draining.
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ObservedCalls(self.metrics, SERVICE_NAME),
+            self._calls,
+        ]
         if cfg.tokens:
-            interceptors.insert(0, TokenAuth(cfg.tokens, SERVICE_NAME))
+            interceptors.insert(1, TokenAuth(cfg.tokens, SERVICE_NAME))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -595,6 +651,13 @@ class Orchestrator:
         results = await asyncio.gather(*checks.values(), return_exceptions=True)
         return [name for name, ok in zip(checks, results, strict=True) if ok is not True]
 
+    async def _refresh_gallery_size(self) -> None:
+        assert self._service is not None
+        try:
+            await self._service.refresh_gallery_size()
+        except GalleryError as exc:  # health reports Milvus; the gauge waits for the next poll
+            log.debug("gallery size not refreshed: %s", exc)
+
     async def _watch_dependencies(self) -> None:
         """Health follows the dependencies: NOT_SERVING while one is down, SERVING when back.
 
@@ -607,6 +670,8 @@ class Orchestrator:
             except Exception:  # the monitor must outlive any one failed check
                 log.exception("health check failed")
                 down = ["health check"]
+            if not down:
+                await self._refresh_gallery_size()
             if bool(down) == serving:
                 serving = not down
                 if down:
@@ -642,6 +707,9 @@ class Orchestrator:
             if not stopping.done():  # every PersonSearch call is done: end the Watch streams
                 await self._server.stop(None)
             await stopping
+        if self._stop_metrics is not None:
+            await asyncio.to_thread(self._stop_metrics)
+            self._stop_metrics = None
         if self._service is not None:
             self._service.close()
             self._service.gallery.close()

@@ -12,7 +12,9 @@ full-gallery fusion (the trace says whether it was).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -57,6 +59,11 @@ class ThiSearchResult:
 
 
 InGallery = Callable[..., Awaitable]
+Stage = Callable[[str], AbstractContextManager[None]]
+
+
+def _untimed(name: str) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 async def thi_search(
@@ -72,9 +79,13 @@ async def thi_search(
     mllm: Mllm,
     crops: Crops,
     mllm_timeout_s: float,
+    stage: Stage = _untimed,
 ) -> ThiSearchResult:
+    """`stage(name)` times the gallery searches and the fusion (the service's metrics);
+    the encoder and the MLLM are timed by whoever passes `encode_texts` and `mllm`."""
     pool_n = max(POOL, top_k, params.candidates)
-    base_hits: list[GalleryHit] = await in_gallery(gallery.search, query_vector, pool_n, where)
+    with stage("gallery_search"):
+        base_hits: list[GalleryHit] = await in_gallery(gallery.search, query_vector, pool_n, where)
     candidates = base_hits[: params.candidates]
     if not candidates:
         return ThiSearchResult([], ThiOutcome(fallback_reason=NO_ANCHOR_NO_CANDIDATES), [], True)
@@ -98,15 +109,19 @@ async def thi_search(
         return ThiSearchResult(base_hits[:top_k], outcome, candidates, True)
 
     refined_vector = (await encode_texts([outcome.refined_query]))[0]
-    refined_hits: list[GalleryHit] = await in_gallery(gallery.search, refined_vector, pool_n, where)
+    with stage("gallery_search"):
+        refined_hits: list[GalleryHit] = await in_gallery(
+            gallery.search, refined_vector, pool_n, where
+        )
     by_id = {h.image_id: h for h in [*refined_hits, *base_hits]}
     pool = list(by_id)
-    records = await in_gallery(gallery.fetch, pool)
-    emb = np.stack([r.embedding for r in records])
-    pool = [r.image_id for r in records]
-    anchor_id = ids[outcome.anchor]
-    fused = fuse(emb @ query_vector, emb @ refined_vector, pool.index(anchor_id), params.lam)
-    order = np.argsort(-fused, kind="stable")[:top_k]
+    with stage("fusion"):
+        records = await in_gallery(gallery.fetch, pool)
+        emb = np.stack([r.embedding for r in records])
+        pool = [r.image_id for r in records]
+        anchor_id = ids[outcome.anchor]
+        fused = fuse(emb @ query_vector, emb @ refined_vector, pool.index(anchor_id), params.lam)
+        order = np.argsort(-fused, kind="stable")[:top_k]
     hits = [replace(by_id[pool[i]], score=float(fused[i])) for i in order]
     # Exact when nothing outside both lists could outscore the k-th hit.
     bound = -np.inf

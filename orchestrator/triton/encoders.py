@@ -9,6 +9,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
+from icl.orchestrator.logs import current_request_id
 from icl.orchestrator.triton import readiness
 
 TEXT_MODEL = "text_encoder"
@@ -69,6 +70,7 @@ class TritonEncoders:
                 [inp],
                 outputs=[triton.InferRequestedOutput("EMBEDDING")],
                 client_timeout=max(timeout, 0.001),
+                request_id=current_request_id(),  # Triton's logs and traces name the call
             )
         except InferenceServerException as exc:
             raise EncoderUnavailable(f"{model}: {exc.message()}") from None

@@ -22,6 +22,7 @@ import tritonclient.grpc.aio as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from icl.orchestrator.logs import current_request_id
 from icl.orchestrator.triton import readiness
 
 MLLM_MODEL = "mllm"
@@ -126,8 +127,11 @@ class TritonMllm:
             inp.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
             inputs.append(inp)
 
+        # Read here: the request iterator may run in the stream's own task.
+        request_id = current_request_id()
+
         async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self.model, "inputs": inputs}
+            yield {"model_name": self.model, "inputs": inputs, "request_id": request_id}
 
         responses = self._client.stream_infer(one_request(), stream_timeout=timeout_s)
         try:
