@@ -41,6 +41,11 @@ def _value(samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def _calls_counted(port: int) -> float:
+    """Calls of every RPC and code counted so far."""
+    return sum(v for (name, _), v in _scrape(port).items() if name == "icl_requests_total")
+
+
 @pytest.fixture(scope="module")
 def observed(triton, tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("observed")
@@ -83,6 +88,11 @@ def observed(triton, tmp_path_factory: pytest.TempPathFactory):
                     metadata=(("x-request-id", "obs-bad-1"),),
                     timeout=30,
                 )
+        # A call's counters are written when its handler returns, which may be just after the
+        # caller has its status (an abort sends the status first): wait until all 11 calls
+        # (1 Enroll, 9 good searches, 1 bad) are counted before the tests read them.
+        expected_calls = 1 + 1 + len(thi_replies) + 1
+        assert wait_until(lambda: _calls_counted(metrics_port) == expected_calls, 10)
         yield {
             "running": running,
             "metrics_port": metrics_port,
@@ -152,7 +162,9 @@ def test_gallery_size_gauge(observed) -> None:
         first = gallery_images(demo_gallery(1, seed=5))[0].image_id
         assert stub.Delete(pb.DeleteRequest(image_ids=[first]), timeout=30).deleted == 1
     assert wait_until(lambda: _value(_scrape(port), "icl_gallery_images") == N_IMAGES - 1, 10)
-    assert _value(_scrape(port), "icl_requests_total", rpc="Delete", code="OK") == 1
+    assert wait_until(
+        lambda: _value(_scrape(port), "icl_requests_total", rpc="Delete", code="OK") == 1, 10
+    )
 
 
 def test_request_id_comes_back_and_is_in_the_json_logs(observed) -> None:
