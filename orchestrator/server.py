@@ -48,6 +48,12 @@ from icl_api.client import MAX_MESSAGE_BYTES, timestamp
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PersonSearch"].full_name
+# Health names of the dependencies (gRPC health `Check(service=...)`), and what logs call them.
+DEPENDENCY_HEALTH = {
+    "triton-encoders": "Triton text_encoder/image_encoder",
+    "triton-mllm": "Triton mllm",
+    "milvus": "Milvus",
+}
 T = TypeVar("T")
 ENROLL_PIPELINE = 2  # Enroll batches in flight per stream
 
@@ -540,6 +546,7 @@ class Orchestrator:
         self._encoders: TritonEncoders | None = None
         self._mllm: Any = None
         self._health: health.aio.HealthServicer | None = None
+        self._dependency_ready: dict[str, bool] = {}  # as last published under their names
         self._monitor: asyncio.Task[None] | None = None
         self._calls = _CallTracker()
         self.metrics = ServiceMetrics()  # this service's own registry
@@ -630,6 +637,7 @@ class Orchestrator:
         self._server = server
         self._health = health_servicer
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._set_dependency_health(await self.dependency_readiness())
         self._monitor = asyncio.create_task(self._watch_dependencies(), name="health-monitor")
         log.info("PersonSearch listening on %s (%s)", self.address, cfg)
 
@@ -638,18 +646,23 @@ class Orchestrator:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, status)
 
-    async def unready_dependencies(self) -> list[str]:
-        """The dependencies that cannot serve right now (empty: all can)."""
+    async def dependency_readiness(self) -> dict[str, bool]:
+        """Each dependency's health name (DEPENDENCY_HEALTH) and whether it can serve now."""
         assert self._encoders is not None and self._service is not None
         gallery = self._service.gallery
         checks: dict[str, Awaitable[bool]] = {
-            "Triton text_encoder/image_encoder": self._encoders.ready(),
-            "Milvus": asyncio.to_thread(gallery.reachable),
+            "triton-encoders": self._encoders.ready(),
+            "milvus": asyncio.to_thread(gallery.reachable),
         }
         if self._mllm is not None:
-            checks[f"Triton {self._mllm.model}"] = self._mllm.ready()
+            checks["triton-mllm"] = self._mllm.ready()
         results = await asyncio.gather(*checks.values(), return_exceptions=True)
-        return [name for name, ok in zip(checks, results, strict=True) if ok is not True]
+        return {name: ok is True for name, ok in zip(checks, results, strict=True)}
+
+    async def unready_dependencies(self) -> list[str]:
+        """The dependencies that cannot serve right now, in words (empty: all can)."""
+        readiness = await self.dependency_readiness()
+        return [DEPENDENCY_HEALTH[name] for name, ok in readiness.items() if not ok]
 
     async def _refresh_gallery_size(self) -> None:
         assert self._service is not None
@@ -666,10 +679,14 @@ class Orchestrator:
         while True:
             await asyncio.sleep(self.config.health_poll_s)
             try:
-                down = await self.unready_dependencies()
+                readiness = await self.dependency_readiness()
             except Exception:  # the monitor must outlive any one failed check
                 log.exception("health check failed")
-                down = ["health check"]
+                readiness = {"": False}
+            down = [
+                DEPENDENCY_HEALTH.get(n, "health check") for n, ok in readiness.items() if not ok
+            ]
+            await self._set_dependency_health(readiness)
             if not down:
                 await self._refresh_gallery_size()
             if bool(down) == serving:
@@ -680,6 +697,15 @@ class Orchestrator:
                 else:
                     log.info("SERVING: Triton and Milvus are ready again")
                     await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_dependency_health(self, readiness: dict[str, bool]) -> None:
+        """Each dependency under its own health name, so an operator sees which one is down."""
+        assert self._health is not None
+        for name, ok in readiness.items():
+            if name in DEPENDENCY_HEALTH and self._dependency_ready.get(name) != ok:
+                self._dependency_ready[name] = ok
+                status = health_pb2.HealthCheckResponse
+                await self._health.set(name, status.SERVING if ok else status.NOT_SERVING)
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -181,6 +181,9 @@ def test_status_shows_health_and_metrics(stack, monkeypatch) -> None:
     assert not at.exception, at.exception
     values = {m.label: m.value for m in at.metric}
     assert values[f"PersonSearch at {stack['address']}"] == "SERVING"
+    assert values["Triton: text and image encoders"] == "SERVING"
+    assert values["Triton: the MLLM (THI)"] == "SERVING"
+    assert values["Milvus: the gallery"] == "SERVING"
     assert int(values["Gallery images"]) >= N_IMAGES - 1
 
 

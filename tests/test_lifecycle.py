@@ -72,13 +72,18 @@ def test_health_follows_a_triton_outage(own_triton: TritonServer, tmp_path: Path
             stub = pb_grpc.PersonSearchStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             enroll_all(stub, gallery_images(demo_gallery(8, seed=3)))
+            assert _status(health, "triton-encoders") == SERVING
             own_triton.stop()  # the outage
             assert _wait_for_status(health, NOT_SERVING, 10) < 5
+            # Each dependency under its own name: the operator sees which one is down.
+            assert _status(health, "triton-encoders") == NOT_SERVING
+            assert _status(health, "milvus") == SERVING
             with pytest.raises(grpc.RpcError) as err:
                 stub.Search(search_request(QUERY, top_k=3), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             own_triton.start()  # back on the same address and ports
             assert _wait_for_status(health, SERVING, 10) < 5  # the service was not restarted
+            assert _status(health, "triton-encoders") == SERVING
             reply = stub.Search(search_request(QUERY, top_k=3), timeout=30)
             assert len(reply.hits) == 3
         assert running.process.poll() is None

@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 import grpc
 import streamlit as st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from icl_console.settings import ConsoleSettings
 
 from icl_api import PersonSearchClient
+from icl_console.settings import ConsoleSettings
 
 T = TypeVar("T")
 

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, time
 from pathlib import PurePath
 
 import streamlit as st
-from icl_console import service
 
 from icl_api import gallery_image, pb
+from icl_console import service
 
 st.title("Gallery")
 

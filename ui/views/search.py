@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 
 import streamlit as st
-from icl_console import service
-from icl_console.render import hit_grid, moves, trace_view
 
 from icl_api import search_request
+from icl_console import service
+from icl_console.render import hit_grid, moves, trace_view
 
 st.title("Search")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import streamlit as st
+
 from icl_console import service
 
 st.title("Status")
@@ -14,6 +15,16 @@ if overall != "SERVING":
     st.error(
         "The service is not serving: searches will fail until it is back.", icon=":material/error:"
     )
+# The service publishes each dependency's readiness under its own health name.
+DEPENDENCIES = {
+    "triton-encoders": "Triton: text and image encoders",
+    "triton-mllm": "Triton: the MLLM (THI)",
+    "milvus": "Milvus: the gallery",
+}
+if not overall.startswith("unreachable"):
+    for column, (name, label) in zip(st.columns(3), DEPENDENCIES.items(), strict=True):
+        state = service.health(name)
+        column.metric(label, "not configured" if "NOT_FOUND" in state else state)
 
 if settings.metrics_url:
     try:
