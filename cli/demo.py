@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,6 +46,12 @@ def demo(
     check: Annotated[
         bool, typer.Option("--check", help="Run sample searches and exit instead of serving.")
     ] = False,
+    with_console: Annotated[
+        bool,
+        typer.Option(
+            "--console/--no-console", help="Start the operator console too (needs the ui extra)."
+        ),
+    ] = True,
 ) -> None:
     """Export the demo encoders, start Triton and the orchestrator, enrol a demo gallery, serve."""
     from icl.export.mllm_repository import write_mllm_model
@@ -70,7 +77,9 @@ def demo(
             port=port,
             mllm_model="mllm",
         )
-        ok = asyncio.run(_demo(config, images, check, lambda: triton_server.running))
+        ok = asyncio.run(
+            _demo(config, images, check, lambda: triton_server.running, with_console, workdir)
+        )
         died = not triton_server.running
     finally:
         triton_server.stop()
@@ -81,7 +90,12 @@ def demo(
 
 
 async def _demo(
-    config: Any, n_images: int, check: bool, alive: Callable[[], bool] = lambda: True
+    config: Any,
+    n_images: int,
+    check: bool,
+    alive: Callable[[], bool] = lambda: True,
+    with_console: bool = False,
+    workdir: Path = WORKDIR,
 ) -> bool:
     from icl.orchestrator.server import Orchestrator
     from icl.synthetic.demo_gallery import demo_gallery, demo_queries
@@ -122,15 +136,44 @@ async def _demo(
         console.print(
             f"\nPersonSearch is serving on [bold]{orchestrator.address}[/] "
             f"(gRPC, health and reflection on). In another terminal:\n\n"
-            f'  {self_command()} search --address {orchestrator.address} --text "{queries[0]}"'
-            "\n\nPress Ctrl-C to stop.",
+            f'  {self_command()} search --address {orchestrator.address} --text "{queries[0]}"',
             highlight=False,
             soft_wrap=True,  # keep the command on one line for copy and paste
         )
-        await until_stopped(stop, alive)
+        web = _start_console(orchestrator.address, workdir) if with_console else None
+        console.print("\nPress Ctrl-C to stop.")
+        try:
+            await until_stopped(stop, lambda: alive() and (web is None or web.poll() is None))
+        finally:
+            if web is not None:
+                web.terminate()
+                await asyncio.to_thread(web.wait, 10)
         return True
     finally:
         await orchestrator.stop()
+
+
+def _start_console(address: str, workdir: Path) -> subprocess.Popen[bytes] | None:
+    """The operator console on a free loopback port, or the one command that starts it."""
+    from icl.cli.console import console_command, console_env, streamlit_available
+    from icl.orchestrator.tritonserver import free_port
+
+    if not streamlit_available():
+        console.print(
+            f"\nThe operator console: pip install -e '.[ui]' && "
+            f"{self_command()} console --address {address}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return None
+    port = free_port()
+    log = open(workdir / "console.log", "ab")  # noqa: SIM115 - kept open for the child's life
+    web = subprocess.Popen(
+        console_command(port), env=console_env(address), stdout=log, stderr=subprocess.STDOUT
+    )
+    log.close()
+    console.print(f"\nThe operator console: [bold]http://127.0.0.1:{port}[/]", highlight=False)
+    return web
 
 
 def demo_enroll_item(d: DemoImage, image_uri: str = "") -> pb.GalleryImage:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from icl.orchestrator.tritonserver import free_port
 from icl.synthetic.demo_gallery import demo_gallery
 from icl_api import pb, pb_grpc
-from tests.helpers import enroll_all, gallery_images
+from tests.helpers import enroll_all, gallery_images, wait_until
 
 
 def icl(
@@ -100,6 +104,49 @@ def test_demo_check_runs_the_whole_stack(tmp_path):
     assert "enrolled 45 of 45 demo images" in out.stdout
     assert out.stdout.count("Search: ") == 3
     ps = subprocess.run(["pgrep", "-f", str(tmp_path / "w")], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", "demo left processes running"
+
+
+def test_demo_serves_with_the_console_and_stops_on_ctrl_c(tmp_path):
+    """`icl demo` as the README runs it: the service and the operator console come up (the
+    console's page answers), and Ctrl-C stops everything."""
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "icl.cli", "demo", "--images", "9", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+    )
+    lines: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + 240
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            match = re.search(r"operator console: (http://127\.0\.0\.1:\d+)", line)
+            url = match.group(1) if match else None
+        assert url, "".join(lines)
+
+        def page_up() -> bool:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+                    return reply.status == 200
+            except OSError:
+                return False
+
+        assert wait_until(page_up, 60), (workdir / "console.log").read_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, "".join(lines) + proc.stdout.read()
+        assert not page_up()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ps = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "demo left processes running"
 
 
