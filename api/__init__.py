@@ -19,6 +19,7 @@ from icl_api.client import (
     channel_options,
     delete_request,
     gallery_image,
+    list_images_request,
     search_request,
     timestamp,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "channel_options",
     "delete_request",
     "gallery_image",
+    "list_images_request",
     "pb",
     "pb_grpc",
     "search_request",

@@ -32,13 +32,50 @@ def timestamp(value: datetime | int) -> Timestamp:
 
 
 def search_request(
-    text: str,
+    text: str = "",
     top_k: int = 10,
     camera_ids: Sequence[str] = (),
     start: datetime | int | None = None,
     end: datetime | int | None = None,
+    *,
+    image: bytes = b"",
+    image_weight: float | None = None,
+    group_by_track: bool = False,
+    thi: bool = False,
+    confirmed_anchor: str = "",
 ) -> pb.SearchRequest:
-    req = pb.SearchRequest(text=text, top_k=top_k, camera_ids=list(camera_ids))
+    """A Search request: a description, a query crop (`image`, encoded), or both (mixed
+    with the crop's `image_weight`, the service's default 0.5 when None); `thi` re-ranks with
+    THI, from an operator-confirmed anchor image when `confirmed_anchor` names one."""
+    req = pb.SearchRequest(
+        text=text,
+        top_k=top_k,
+        camera_ids=list(camera_ids),
+        image=image,
+        group_by_track=group_by_track,
+    )
+    if image_weight is not None:
+        req.image_weight = image_weight
+    if start is not None:
+        req.time_range.start.CopyFrom(timestamp(start))
+    if end is not None:
+        req.time_range.end.CopyFrom(timestamp(end))
+    if thi or confirmed_anchor:
+        req.thi.enabled = True
+        req.thi.confirmed_anchor_image_id = confirmed_anchor
+    return req
+
+
+def list_images_request(
+    page_size: int = 100,
+    camera_ids: Sequence[str] = (),
+    start: datetime | int | None = None,
+    end: datetime | int | None = None,
+    page_token: str = "",
+) -> pb.ListImagesRequest:
+    req = pb.ListImagesRequest(
+        camera_ids=list(camera_ids), page_size=page_size, page_token=page_token
+    )
     if start is not None:
         req.time_range.start.CopyFrom(timestamp(start))
     if end is not None:
@@ -246,6 +283,50 @@ class PersonSearchClient:
         request = request if request is not None else delete_request(**kwargs)
         return self.stub.Delete(request, timeout=timeout_s or self.timeout_s)
 
+    def search_stream(
+        self, request: pb.SearchRequest | None = None, timeout_s: float | None = None, **kwargs: Any
+    ) -> Iterator[pb.SearchEvent]:
+        """SearchStream: the base ranking, each THI step, then the result. Stop iterating
+        (or close the generator) to cancel the call and the MLLM calls left."""
+        request = request if request is not None else search_request(**kwargs)
+        call = self.stub.SearchStream(request, timeout=timeout_s or self.timeout_s)
+        try:
+            yield from call
+        finally:
+            call.cancel()  # no-op once the stream has ended
+
+    def list_images(
+        self,
+        request: pb.ListImagesRequest | None = None,
+        timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> pb.ListImagesResponse:
+        """One page; `list_images_request`'s arguments or a prepared request."""
+        request = request if request is not None else list_images_request(**kwargs)
+        return self.stub.ListImages(request, timeout=timeout_s or self.timeout_s)
+
+    def iter_images(
+        self, timeout_s: float | None = None, **kwargs: Any
+    ) -> Iterator[pb.GalleryImage]:
+        """Every image matching `list_images_request`'s arguments, page after page."""
+        request = list_images_request(**kwargs)
+        while True:
+            page = self.list_images(request, timeout_s)
+            yield from page.images
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def get_image(self, image_id: str, timeout_s: float | None = None) -> pb.GalleryImage:
+        return self.stub.GetImage(
+            pb.GetImageRequest(image_id=image_id), timeout=timeout_s or self.timeout_s
+        )
+
+    def gallery_stats(self, timeout_s: float | None = None) -> pb.GalleryStats:
+        return self.stub.GetGalleryStats(
+            pb.GalleryStatsRequest(), timeout=timeout_s or self.timeout_s
+        )
+
 
 class AsyncPersonSearchClient:
     """The asyncio twin of PersonSearchClient (grpc.aio); use `async with`."""
@@ -297,4 +378,41 @@ class AsyncPersonSearchClient:
         request = request if request is not None else delete_request(**kwargs)
         return await self.stub.Delete(
             request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+        )
+
+    async def search_stream(
+        self, request: pb.SearchRequest | None = None, timeout_s: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[pb.SearchEvent]:
+        """SearchStream; leaving the loop early cancels the call and the MLLM calls left."""
+        request = request if request is not None else search_request(**kwargs)
+        call = self.stub.SearchStream(
+            request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+        )
+        try:
+            async for event in call:
+                yield event
+        finally:
+            call.cancel()
+
+    async def list_images(
+        self,
+        request: pb.ListImagesRequest | None = None,
+        timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> pb.ListImagesResponse:
+        request = request if request is not None else list_images_request(**kwargs)
+        return await self.stub.ListImages(
+            request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+        )
+
+    async def get_image(self, image_id: str, timeout_s: float | None = None) -> pb.GalleryImage:
+        return await self.stub.GetImage(
+            pb.GetImageRequest(image_id=image_id),
+            timeout=timeout_s or self.timeout_s,
+            metadata=self._metadata,
+        )
+
+    async def gallery_stats(self, timeout_s: float | None = None) -> pb.GalleryStats:
+        return await self.stub.GetGalleryStats(
+            pb.GalleryStatsRequest(), timeout=timeout_s or self.timeout_s, metadata=self._metadata
         )

@@ -52,6 +52,10 @@ class Crops(Protocol):
 
     def delete(self, image_ids: Iterable[str]) -> None: ...
 
+    def read(self, image_id: str) -> bytes | None:
+        """The crop's bytes as enrolled, or None when none is stored."""
+        ...
+
 
 @dataclass(frozen=True)
 class GalleryRecord:
@@ -85,6 +89,33 @@ class GalleryFilter:
     def empty(self) -> bool:
         return not self.camera_ids and self.start_ms is None and self.end_ms is None
 
+    def matches(self, camera_id: str, captured_at_ms: int) -> bool:
+        """Whether a row with these fields passes the filter (as the adapters filter)."""
+        return (
+            (not self.camera_ids or camera_id in self.camera_ids)
+            and (self.start_ms is None or captured_at_ms >= self.start_ms)
+            and (self.end_ms is None or captured_at_ms <= self.end_ms)
+        )
+
+
+@dataclass(frozen=True)
+class GalleryEntry:
+    """A gallery row's metadata (browsing: no embedding)."""
+
+    image_id: str
+    camera_id: str
+    captured_at_ms: int
+    track_id: str
+    image_uri: str
+
+
+@dataclass(frozen=True)
+class GalleryStats:
+    images: int
+    per_camera: dict[str, int]
+    oldest_ms: int | None
+    newest_ms: int | None
+
 
 class Gallery(Protocol):
     def upsert(self, records: Sequence[GalleryRecord]) -> None:
@@ -111,6 +142,16 @@ class Gallery(Protocol):
 
     def put_vqa(self, answers: Mapping[str, list[str]], model_key: str) -> None:
         """Cache answers per image id under `model_key`, keeping every other field."""
+        ...
+
+    def list_page(self, where: GalleryFilter, after: str | None, limit: int) -> list[GalleryEntry]:
+        """Up to `limit` rows matching `where` whose image_id sorts after `after` (None: from
+        the start), in image_id order: a keyset page, no offset, so each row is listed once
+        however many are enrolled or deleted between pages."""
+        ...
+
+    def stats(self) -> GalleryStats:
+        """Rows, rows per camera, oldest and newest capture time."""
         ...
 
     def reachable(self, timeout_s: float = 2.0) -> bool:

@@ -7,7 +7,8 @@ permissions, in TOML (`.toml`) or JSON (any other suffix)::
     token = "long random string"       #    "token": "long random string",
     permissions = ["enroll"]           #    "permissions": ["enroll"]}}}
 
-Permissions: `search` (Search), `enroll` (Enroll and Delete), `admin` (every call). Clients send
+Permissions: `search` (Search, SearchStream and gallery browsing: ListImages, GetImage,
+GetGalleryStats), `enroll` (Enroll and Delete), `admin` (every call). Clients send
 `authorization: Bearer <token>` metadata. gRPC health and reflection need no token. A missing or
 unknown token gets UNAUTHENTICATED, a known one without the permission PERMISSION_DENIED.
 Tokens never reach a log line, an error message or a repr; only their names do.
@@ -138,7 +139,13 @@ class TokenTable:
 def needed_permission(method: str, service_name: str) -> str:
     """The permission a full method name needs (`admin` for anything not listed)."""
     prefix = f"/{service_name}/"
-    if method == f"{prefix}Search":
+    if method in (
+        f"{prefix}Search",
+        f"{prefix}SearchStream",
+        f"{prefix}ListImages",
+        f"{prefix}GetImage",
+        f"{prefix}GetGalleryStats",
+    ):
         return "search"
     if method in (f"{prefix}Enroll", f"{prefix}Delete"):
         return "enroll"

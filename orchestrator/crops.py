@@ -95,6 +95,13 @@ class CropStore:
                 out.append(np.asarray(img.convert("RGB")))
         return out
 
+    def read(self, image_id: str) -> bytes | None:
+        """The crop's bytes as enrolled, or None when none is stored."""
+        try:
+            return self._path(image_id).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def delete(self, image_ids: Iterable[str]) -> None:
         for image_id in image_ids:
             self._path(image_id).unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from icl.ports import GalleryFilter, GalleryHit, GalleryRecord
+from icl.ports import GalleryEntry, GalleryFilter, GalleryHit, GalleryRecord, GalleryStats
 
 
 class MemoryGallery:
@@ -22,11 +22,7 @@ class MemoryGallery:
         self._vqa: dict[str, tuple[str, list[str]]] = {}
 
     def _matches(self, r: GalleryRecord, where: GalleryFilter) -> bool:
-        return (
-            (not where.camera_ids or r.camera_id in where.camera_ids)
-            and (where.start_ms is None or r.captured_at_ms >= where.start_ms)
-            and (where.end_ms is None or r.captured_at_ms <= where.end_ms)
-        )
+        return where.matches(r.camera_id, r.captured_at_ms)
 
     def upsert(self, records: Sequence[GalleryRecord]) -> None:
         for r in records:
@@ -88,8 +84,29 @@ class MemoryGallery:
             if image_id in self._rows:
                 self._vqa[image_id] = (model_key, list(values))
 
+    def list_page(self, where: GalleryFilter, after: str | None, limit: int) -> list[GalleryEntry]:
+        ids = sorted(
+            i
+            for i, r in self._rows.items()
+            if (after is None or i > after) and self._matches(r, where)
+        )[:limit]
+        return [_entry(self._rows[i]) for i in ids]
+
+    def stats(self) -> GalleryStats:
+        per_camera: dict[str, int] = {}
+        for r in self._rows.values():
+            per_camera[r.camera_id] = per_camera.get(r.camera_id, 0) + 1
+        times = [r.captured_at_ms for r in self._rows.values()]
+        return GalleryStats(
+            len(self._rows), per_camera, min(times, default=None), max(times, default=None)
+        )
+
     def reachable(self, timeout_s: float = 2.0) -> bool:
         return True
 
     def close(self) -> None:
         self._rows.clear()
+
+
+def _entry(r: GalleryRecord) -> GalleryEntry:
+    return GalleryEntry(r.image_id, r.camera_id, r.captured_at_ms, r.track_id, r.image_uri)

@@ -14,13 +14,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import Any
 
 import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from icl.mllm.contract import VQA_PROMPT, Mllm
+from icl.orchestrator.handlers import wrap_handler
 from icl.orchestrator.logs import (
     REQUEST_ID_KEY,
     request_id_from,
@@ -198,33 +198,15 @@ class ObservedCalls(grpc.aio.ServerInterceptor):
         rpc = details.method[len(self.prefix) :]
         request_id = request_id_from(details.invocation_metadata)
         reply_metadata = ((REQUEST_ID_KEY, request_id),)
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
 
-            async def observed_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._observed(rpc, request_id, context):
-                    # Initial metadata: the caller has the id on success and on error alike.
-                    await context.send_initial_metadata(reply_metadata)
-                    return await unary(request, context)
+        @contextlib.asynccontextmanager
+        async def observed(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            with self._observed(rpc, request_id, context):
+                # Initial metadata: the caller has the id on success and on error alike.
+                await context.send_initial_metadata(reply_metadata)
+                yield
 
-            return grpc.unary_unary_rpc_method_handler(observed_unary, **codec)
-        if handler.stream_stream is not None:
-            stream = handler.stream_stream
-
-            async def observed_stream(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                with self._observed(rpc, request_id, context):
-                    await context.send_initial_metadata(reply_metadata)
-                    async for response in stream(requests, context):
-                        yield response
-
-            return grpc.stream_stream_rpc_method_handler(observed_stream, **codec)
-        return handler
+        return wrap_handler(handler, observed)
 
 
 __all__ = ["STAGES", "ObservedCalls", "ServiceMetrics", "TimedMllm"]

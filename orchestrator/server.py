@@ -36,12 +36,21 @@ from icl.orchestrator.gallery import (
     MilvusGallery,
     is_local_uri,
 )
+from icl.orchestrator.handlers import wrap_handler
 from icl.orchestrator.metrics import ObservedCalls, ServiceMetrics, TimedMllm
 from icl.orchestrator.reflection import enable_reflection
 from icl.orchestrator.thi_search import ThiSearchResult, thi_search
 from icl.orchestrator.triton.encoders import EncoderUnavailable, TritonEncoders
-from icl.ports import Crops, Encoders, Gallery, GalleryHit, GalleryRecord, Remaining
-from icl.thi.engine import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_XI, ThiParams
+from icl.ports import (
+    Crops,
+    Encoders,
+    Gallery,
+    GalleryEntry,
+    GalleryHit,
+    GalleryRecord,
+    Remaining,
+)
+from icl.thi.engine import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_XI, ThiParams, ThiStep
 from icl_api import pb
 from icl_api.client import MAX_MESSAGE_BYTES, timestamp
 
@@ -169,9 +178,19 @@ def _hit(h: GalleryHit) -> pb.Hit:
     )
 
 
-def _trace(result: ThiSearchResult) -> pb.ThiTrace:
+def _image(e: GalleryEntry) -> pb.GalleryImage:
+    return pb.GalleryImage(
+        image_id=e.image_id,
+        camera_id=e.camera_id,
+        captured_at=timestamp(e.captured_at_ms),
+        track_id=e.track_id,
+        image_uri=e.image_uri,
+    )
+
+
+def _trace(result: ThiSearchResult, k: int) -> pb.ThiTrace:
     out = result.outcome
-    anchor = result.candidates[out.anchor].image_id if out.anchor is not None else ""
+    anchor = result.anchor_id if out.anchor is not None else ""
     return pb.ThiTrace(
         candidates=[
             pb.ThiCandidate(
@@ -181,14 +200,82 @@ def _trace(result: ThiSearchResult) -> pb.ThiTrace:
                 p_yes=out.p_yes.get(rank - 1, 0.0),
                 asked=(rank - 1) in out.p_yes,
             )
-            for rank, h in enumerate(result.candidates, 1)
+            for rank, h in enumerate(result.candidates[:k], 1)
         ],
         anchor_image_id=anchor,
         vqa_answers=out.answers,
         refined_query=out.refined_query,
         fallback_reason=out.fallback_reason,
         mllm_calls=out.evaluations,
+        anchor_confirmed=out.anchor_confirmed and out.anchor is not None,
     )
+
+
+def _step_event(step: ThiStep, base_ranks: dict[str, tuple[int, float]]) -> pb.SearchEvent:
+    """A THI step as a SearchStream event (ranks are 1-based in the base ranking)."""
+    rank, score = base_ranks.get(step.image_id, (0, 0.0))
+    if step.kind == "candidate":
+        return pb.SearchEvent(
+            candidate=pb.ThiCandidate(
+                image_id=step.image_id,
+                base_rank=rank,
+                base_score=score,
+                p_yes=step.p_yes,
+                asked=True,
+            )
+        )
+    if step.kind == "anchor":
+        return pb.SearchEvent(
+            anchor=pb.ThiAnchor(image_id=step.image_id, base_rank=rank, confirmed=step.confirmed)
+        )
+    if step.kind == "vqa":
+        return pb.SearchEvent(
+            vqa=pb.ThiVqa(image_id=step.image_id, answers=step.answers, cached=step.cached)
+        )
+    return pb.SearchEvent(refined_query=pb.ThiRefinedQuery(text=step.text))
+
+
+def _mix(text_vector: np.ndarray, image_vector: np.ndarray | None, weight: float) -> np.ndarray:
+    """normalise(w * image + (1 - w) * text); the text vector alone without a crop."""
+    if image_vector is None:
+        return text_vector
+    mixed = weight * np.asarray(image_vector, np.float32) + (1.0 - weight) * np.asarray(
+        text_vector, np.float32
+    )
+    norm = float(np.linalg.norm(mixed))
+    # Opposite unit vectors at w 0.5 cancel out: fall back on the text (never seen in practice).
+    return mixed / norm if norm > 1e-6 else np.asarray(text_vector, np.float32)
+
+
+GROUP_POOL_FACTOR = 10
+MAX_GROUP_POOL = 10_000
+
+
+def _group_pool(top_k: int) -> int:
+    """How many images a grouped search ranks to find its top_k tracks."""
+    return min(MAX_GROUP_POOL, max(100, GROUP_POOL_FACTOR * top_k))
+
+
+def _grouped(hits: Sequence[GalleryHit], top_k: int) -> list[pb.Hit]:
+    """The best hit of each track (hits come best first), with the track's number of hits
+    among `hits`; an image without a track id is a track of its own."""
+    counts: dict[str, int] = {}
+    for h in hits:
+        if h.track_id:
+            counts[h.track_id] = counts.get(h.track_id, 0) + 1
+    out: list[pb.Hit] = []
+    seen: set[str] = set()
+    for h in hits:
+        if h.track_id in seen:
+            continue
+        if h.track_id:
+            seen.add(h.track_id)
+        hit = _hit(h)
+        hit.track_hits = counts.get(h.track_id, 1)
+        out.append(hit)
+        if len(out) == top_k:
+            break
+    return out
 
 
 class PersonSearchService:
@@ -261,11 +348,88 @@ class PersonSearchService:
         await _reject_malformed(request, context)
         return await self._guard(context, self.search(request, context.time_remaining))
 
+    async def SearchStream(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SearchEvent]:
+        await _reject_malformed(request, context)
+        events = self.search_stream(request, context.time_remaining)
+        try:
+            while True:
+                try:
+                    event = await self._guard(context, anext(events))
+                except StopAsyncIteration:
+                    return
+                yield event
+        finally:
+            await events.aclose()  # a cancelled call cancels the search and its MLLM calls
+
     async def search(self, request: pb.SearchRequest, remaining: Remaining) -> pb.SearchResponse:
+        return await self._search(request, remaining, None)
+
+    async def search_stream(
+        self, request: pb.SearchRequest, remaining: Remaining
+    ) -> AsyncIterator[pb.SearchEvent]:
+        """The events of one search: the base ranking, each THI step as it happens, then
+        the result (the same response `search` gives). Closing the iterator early cancels
+        the search, so no further MLLM call is made."""
+        queue: asyncio.Queue[pb.SearchEvent | None] = asyncio.Queue()
+        task = asyncio.create_task(self._search(request, remaining, queue.put_nowait))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+            yield pb.SearchEvent(result=task.result())  # raises the search's failure
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _query_vector(
+        self, query: v.SearchQuery, remaining: Remaining
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The query embedding (text, crop, or their weighted mix) and the crop's own
+        embedding (None without a crop), so THI's refined text can be mixed the same way."""
+        image_vector = None
+        if query.image:
+            try:
+                pixels = await asyncio.to_thread(decode_crop, query.image, self.encoders.image_size)
+            except ImageRejected as exc:
+                raise v.InvalidRequest(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"image (the query crop): {exc}"
+                ) from None
+            with self.metrics.stage("image_encode"):
+                image_vector = (await self.encoders.encode_images(pixels[None], remaining()))[0]
+            if not query.text:
+                return image_vector, image_vector
+        text_vector = (await self._encode_texts([query.text], remaining))[0]
+        return _mix(text_vector, image_vector, query.image_weight), image_vector
+
+    async def _search(
+        self,
+        request: pb.SearchRequest,
+        remaining: Remaining,
+        emit: Callable[[pb.SearchEvent], None] | None,
+    ) -> pb.SearchResponse:
         query = v.check_search(request)
         thi = (
             _thi_params(request, self.thi_schedule, self.thi_walk) if request.thi.enabled else None
         )
+        anchor_id = request.thi.confirmed_anchor_image_id
+        if anchor_id:
+            v.check_image_id(anchor_id, "thi.confirmed_anchor_image_id")
+            if thi is None:
+                raise v.InvalidRequest(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "thi.confirmed_anchor_image_id needs thi.enabled=true",
+                )
+        if thi is not None and not query.text:
+            raise v.InvalidRequest(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "THI needs a text query (it asks the MLLM whether a crop matches the "
+                "description and refines the description); a query crop alone has no text: "
+                "add text, or search with thi.enabled=false",
+            )
         if thi is not None and (self.mllm is None or self.crops is None):
             raise v.InvalidRequest(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -278,35 +442,73 @@ class PersonSearchService:
                 raise v.InvalidRequest(
                     grpc.StatusCode.NOT_FOUND, f"no gallery image comes from camera(s) {unknown}"
                 )
-        vectors = await self._encode_texts([query.text], remaining)
+        anchor = None
+        if anchor_id:
+            found = await self._in_gallery(self.gallery.fetch, [anchor_id])
+            if not found:
+                raise v.InvalidRequest(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"thi.confirmed_anchor_image_id {anchor_id!r} is not in the gallery",
+                )
+            anchor = found[0]
+        vector, image_vector = await self._query_vector(query, remaining)
+        # Grouping ranks a wider pool, so that top_k tracks (not top_k images) come back.
+        want = _group_pool(query.top_k) if query.group_by_track else query.top_k
+
+        def respond(
+            hits: Sequence[GalleryHit], trace: pb.ThiTrace | None = None
+        ) -> pb.SearchResponse:
+            out = _grouped(hits, query.top_k) if query.group_by_track else [_hit(h) for h in hits]
+            return pb.SearchResponse(hits=out, thi_trace=trace)
+
         if thi is None:
             with self.metrics.stage("gallery_search"):
-                hits = await self._in_gallery(
-                    self.gallery.search, vectors[0], query.top_k, query.where
-                )
-            return pb.SearchResponse(hits=[_hit(h) for h in hits])
+                hits = await self._in_gallery(self.gallery.search, vector, want, query.where)
+            response = respond(hits)
+            if emit is not None:
+                emit(pb.SearchEvent(base=response))
+            return response
         assert self.mllm is not None and self.crops is not None
         left = remaining()
         # The MLLM gets the configured time, but never more than 80% of what is left of the
         # request's deadline: the rest is for fusing and answering.
         budget = self.mllm_timeout_s if left is None else min(self.mllm_timeout_s, 0.8 * left)
         mllm = TimedMllm(self.mllm, self.metrics)  # counts this search's MLLM calls
+
+        async def encode_refined(texts: Sequence[str]) -> np.ndarray:
+            refined = await self._encode_texts(texts, remaining)
+            return np.stack([_mix(t, image_vector, query.image_weight) for t in refined])
+
+        base_ranks: dict[str, tuple[int, float]] = {}
+
+        def on_base(hits: list[GalleryHit]) -> None:
+            base_ranks.update((h.image_id, (r, h.score)) for r, h in enumerate(hits, 1))
+            if emit is not None:
+                emit(pb.SearchEvent(base=respond(hits[:want])))
+
+        def on_step(step: ThiStep) -> None:
+            if emit is not None:
+                emit(_step_event(step, base_ranks))
+
         result = await thi_search(
             query.text,
-            vectors[0],
-            query.top_k,
+            vector,
+            want,
             query.where,
             thi,
             gallery=self.gallery,
             in_gallery=self._in_gallery,
-            encode_texts=lambda texts: self._encode_texts(texts, remaining),
+            encode_texts=encode_refined,
             mllm=mllm,
             crops=self.crops,
             mllm_timeout_s=budget,
             stage=self.metrics.stage,
+            on_step=on_step,
+            on_base=on_base,
+            confirmed_anchor=anchor,
         )
         self.metrics.thi_mllm_calls.observe(mllm.calls)
-        return pb.SearchResponse(hits=[_hit(h) for h in result.hits], thi_trace=_trace(result))
+        return respond(result.hits, _trace(result, thi.candidates))
 
     async def Enroll(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -418,6 +620,59 @@ class PersonSearchService:
             await asyncio.to_thread(self.crops.delete, doomed)
         return pb.DeleteResponse(deleted=len(removed))
 
+    async def ListImages(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> pb.ListImagesResponse:
+        await _reject_malformed(request, context)
+        return await self._guard(context, self.list_images(request))
+
+    async def list_images(self, request: pb.ListImagesRequest) -> pb.ListImagesResponse:
+        """One page of gallery rows in image_id order after the cursor (keyset paging)."""
+        q = v.check_list(request)
+        # One row more than the page: whether a next page exists, without an empty last page.
+        rows = await self._in_gallery(self.gallery.list_page, q.where, q.after, q.page_size + 1)
+        page = rows[: q.page_size]
+        token = v.make_cursor(q.where, page[-1].image_id) if len(rows) > q.page_size else ""
+        return pb.ListImagesResponse(images=[_image(e) for e in page], next_page_token=token)
+
+    async def GetImage(self, request: Any, context: grpc.aio.ServicerContext) -> pb.GalleryImage:
+        await _reject_malformed(request, context)
+        return await self._guard(context, self.get_image(request))
+
+    async def get_image(self, request: pb.GetImageRequest) -> pb.GalleryImage:
+        """A row's metadata and its stored crop (empty bytes when no crop is kept here)."""
+        image_id = v.check_image_id(request.image_id, "image_id")
+        found = await self._in_gallery(self.gallery.fetch, [image_id])
+        if not found:
+            raise v.InvalidRequest(
+                grpc.StatusCode.NOT_FOUND, f"image {image_id!r} is not in the gallery"
+            )
+        r = found[0]
+        entry = GalleryEntry(r.image_id, r.camera_id, r.captured_at_ms, r.track_id, r.image_uri)
+        data = await asyncio.to_thread(self.crops.read, image_id) if self.crops else None
+        image = _image(entry)
+        image.image = data or b""
+        return image
+
+    async def GetGalleryStats(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> pb.GalleryStats:
+        await _reject_malformed(request, context)
+        return await self._guard(context, self.gallery_stats())
+
+    async def gallery_stats(self) -> pb.GalleryStats:
+        stats = await self._in_gallery(self.gallery.stats)
+        out = pb.GalleryStats(
+            images=stats.images,
+            cameras=[
+                pb.CameraStats(camera_id=c, images=n) for c, n in sorted(stats.per_camera.items())
+            ],
+        )
+        if stats.oldest_ms is not None and stats.newest_ms is not None:
+            out.oldest_captured_at.CopyFrom(timestamp(stats.oldest_ms))
+            out.newest_captured_at.CopyFrom(timestamp(stats.newest_ms))
+        return out
+
     def close(self) -> None:
         self._gallery_thread.shutdown(wait=True)
 
@@ -425,6 +680,10 @@ class PersonSearchService:
 def _thi_params(request: pb.SearchRequest, schedule: str, walk: str) -> ThiParams:
     """The request's THI parameters, the paper's defaults where unset."""
     opts = request.thi
+    if opts.HasField("xi") and not np.isfinite(opts.xi):
+        raise v.InvalidRequest(
+            grpc.StatusCode.INVALID_ARGUMENT, f"thi.xi must be a finite number, got {opts.xi}"
+        )
     try:
         return ThiParams(
             candidates=opts.candidates if opts.HasField("candidates") else DEFAULT_CANDIDATES,
@@ -474,6 +733,26 @@ def _generic_handler(service: PersonSearchService) -> grpc.GenericRpcHandler:
             request_deserializer=_parser(pb.DeleteRequest),
             response_serializer=pb.DeleteResponse.SerializeToString,
         ),
+        "SearchStream": grpc.unary_stream_rpc_method_handler(
+            service.SearchStream,
+            request_deserializer=_parser(pb.SearchRequest),
+            response_serializer=pb.SearchEvent.SerializeToString,
+        ),
+        "ListImages": grpc.unary_unary_rpc_method_handler(
+            service.ListImages,
+            request_deserializer=_parser(pb.ListImagesRequest),
+            response_serializer=pb.ListImagesResponse.SerializeToString,
+        ),
+        "GetImage": grpc.unary_unary_rpc_method_handler(
+            service.GetImage,
+            request_deserializer=_parser(pb.GetImageRequest),
+            response_serializer=pb.GalleryImage.SerializeToString,
+        ),
+        "GetGalleryStats": grpc.unary_unary_rpc_method_handler(
+            service.GetGalleryStats,
+            request_deserializer=_parser(pb.GalleryStatsRequest),
+            response_serializer=pb.GalleryStats.SerializeToString,
+        ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -509,30 +788,13 @@ class _CallTracker(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
 
-            async def tracked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._tracked():
-                    return await unary(request, context)
+        @contextlib.asynccontextmanager
+        async def tracked(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            with self._tracked():
+                yield
 
-            return grpc.unary_unary_rpc_method_handler(tracked_unary, **codec)
-        if handler.stream_stream is not None:
-            stream = handler.stream_stream
-
-            async def tracked_stream(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                with self._tracked():
-                    async for response in stream(requests, context):
-                        yield response
-
-            return grpc.stream_stream_rpc_method_handler(tracked_stream, **codec)
-        return handler
+        return wrap_handler(handler, tracked)
 
 
 class Orchestrator:

@@ -20,12 +20,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from icl.mllm.contract import Mllm
-from icl.ports import Crops, Gallery, GalleryFilter, GalleryHit
+from icl.ports import Crops, Gallery, GalleryFilter, GalleryHit, GalleryRecord
 from icl.thi.engine import (
     MLLM_TIMEOUT,
     NO_ANCHOR_NO_CANDIDATES,
+    OnStep,
     ThiOutcome,
     ThiParams,
+    ThiStep,
     fuse,
     run_thi,
 )
@@ -56,6 +58,7 @@ class ThiSearchResult:
     outcome: ThiOutcome
     candidates: list[GalleryHit]
     exact: bool
+    anchor_id: str = ""  # the anchor's image id ("" when THI kept the base ranking)
 
 
 InGallery = Callable[..., Awaitable]
@@ -64,6 +67,10 @@ Stage = Callable[[str], AbstractContextManager[None]]
 
 def _untimed(name: str) -> AbstractContextManager[None]:
     return contextlib.nullcontext()
+
+
+def _no_steps(step: ThiStep) -> None:
+    return None
 
 
 async def thi_search(
@@ -80,16 +87,34 @@ async def thi_search(
     crops: Crops,
     mllm_timeout_s: float,
     stage: Stage = _untimed,
+    on_step: OnStep = _no_steps,
+    on_base: Callable[[list[GalleryHit]], None] | None = None,
+    confirmed_anchor: GalleryRecord | None = None,
 ) -> ThiSearchResult:
     """`stage(name)` times the gallery searches and the fusion (the service's metrics);
-    the encoder and the MLLM are timed by whoever passes `encode_texts` and `mllm`."""
+    the encoder and the MLLM are timed by whoever passes `encode_texts` and `mllm`.
+
+    `on_base` sees the base ranking (the whole pool) before THI starts and `on_step` each THI
+    step (SearchStream). `encode_texts` turns the refined query into the refined vector (the
+    service combines it with a query crop). `confirmed_anchor`: an operator's anchor (any
+    gallery row, also outside the candidates or the filter): no yes/no walk; it is pinned in
+    the fusion when it passes the filter."""
     pool_n = max(POOL, top_k, params.candidates)
     with stage("gallery_search"):
         base_hits: list[GalleryHit] = await in_gallery(gallery.search, query_vector, pool_n, where)
+    if on_base is not None:
+        on_base(base_hits)
     candidates = base_hits[: params.candidates]
     if not candidates:
         return ThiSearchResult([], ThiOutcome(fallback_reason=NO_ANCHOR_NO_CANDIDATES), [], True)
     ids = [h.image_id for h in candidates]
+    scores = [h.score for h in candidates]
+    anchor_at: int | None = None
+    if confirmed_anchor is not None:
+        # The engine starts from the anchor: it sees it as its only candidate.
+        ids = [confirmed_anchor.image_id]
+        scores = [float(np.dot(confirmed_anchor.embedding, query_vector))]
+        anchor_at = 0
     cached = await in_gallery(gallery.get_vqa, ids, mllm.model_key)
     cache = GalleryVqaCache(cached)
 
@@ -98,7 +123,7 @@ async def thi_search(
 
     try:
         outcome = await asyncio.wait_for(
-            run_thi(text, ids, [h.score for h in candidates], load, mllm, params, cache),
+            run_thi(text, ids, scores, load, mllm, params, cache, on_step, anchor_at),
             mllm_timeout_s,
         )
     except TimeoutError:
@@ -114,13 +139,19 @@ async def thi_search(
             gallery.search, refined_vector, pool_n, where
         )
     by_id = {h.image_id: h for h in [*refined_hits, *base_hits]}
+    anchor_id = ids[outcome.anchor]
+    a = confirmed_anchor
+    if a is not None and a.image_id not in by_id and where.matches(a.camera_id, a.captured_at_ms):
+        by_id[a.image_id] = GalleryHit(
+            a.image_id, a.camera_id, a.captured_at_ms, a.track_id, a.image_uri, 0.0
+        )
     pool = list(by_id)
     with stage("fusion"):
         records = await in_gallery(gallery.fetch, pool)
         emb = np.stack([r.embedding for r in records])
         pool = [r.image_id for r in records]
-        anchor_id = ids[outcome.anchor]
-        fused = fuse(emb @ query_vector, emb @ refined_vector, pool.index(anchor_id), params.lam)
+        anchor_index = pool.index(anchor_id) if anchor_id in pool else None
+        fused = fuse(emb @ query_vector, emb @ refined_vector, anchor_index, params.lam)
         order = np.argsort(-fused, kind="stable")[:top_k]
     hits = [replace(by_id[pool[i]], score=float(fused[i])) for i in order]
     # Exact when nothing outside both lists could outscore the k-th hit.
@@ -128,7 +159,7 @@ async def thi_search(
     if len(base_hits) == pool_n and len(refined_hits) == pool_n:
         bound = params.lam * base_hits[-1].score + (1 - params.lam) * refined_hits[-1].score
     exact = len(hits) == 0 or hits[-1].score >= bound
-    return ThiSearchResult(hits, outcome, candidates, bool(exact))
+    return ThiSearchResult(hits, outcome, candidates, bool(exact), anchor_id)
 
 
 __all__ = ["POOL", "GalleryVqaCache", "ThiSearchResult", "thi_search"]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -16,6 +21,9 @@ MAX_TOP_K = 1000
 MAX_CAMERA_IDS = 256
 MAX_IDS_PER_DELETE = 10_000
 MAX_IMAGES_PER_BATCH = 256
+# Query by example with text: the crop's weight in normalise(w * image + (1 - w) * text).
+DEFAULT_IMAGE_WEIGHT = 0.5
+MAX_PAGE_SIZE = 1000  # ListImages
 # Ids end up inside Milvus filter expressions: allow no quote, backslash, space or bracket.
 CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
@@ -87,23 +95,112 @@ def check_time_range(has_range: bool, time_range: pb.TimeRange) -> tuple[int | N
 
 @dataclass(frozen=True)
 class SearchQuery:
-    text: str
+    text: str  # "" for a query by example alone
     top_k: int
     where: GalleryFilter
+    image: bytes = b""  # the query crop, still encoded
+    image_weight: float = DEFAULT_IMAGE_WEIGHT
+    group_by_track: bool = False
+
+
+def check_unit_interval(value: float, field: str) -> float:
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise _bad(f"{field} must be a number in [0, 1], got {value}")
+    return float(value)
+
+
+def check_image_id(image_id: str, field: str = "image id") -> str:
+    if not IMAGE_ID.fullmatch(image_id):
+        raise _bad(f"{field} {_shorten(image_id)!r} must match {IMAGE_ID.pattern}")
+    return image_id
 
 
 def check_search(req: pb.SearchRequest) -> SearchQuery:
     text = req.text.strip()
-    if not text:
-        raise _bad("text is empty")
+    if not text and not req.image:
+        raise _bad(
+            "text is empty and there is no image: give a description, a query crop "
+            "(query by example), or both"
+        )
     size = len(req.text.encode("utf-8"))
     if size > MAX_TEXT_BYTES:
         raise _bad(f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}")
     if not 1 <= req.top_k <= MAX_TOP_K:
         raise _bad(f"top_k must be between 1 and {MAX_TOP_K}, got {req.top_k}")
+    weight = DEFAULT_IMAGE_WEIGHT
+    if req.HasField("image_weight"):
+        weight = check_unit_interval(req.image_weight, "image_weight")
     cameras = check_camera_ids(list(req.camera_ids))
     start, end = check_time_range(req.HasField("time_range"), req.time_range)
-    return SearchQuery(text, req.top_k, GalleryFilter(cameras, start, end))
+    return SearchQuery(
+        text,
+        req.top_k,
+        GalleryFilter(cameras, start, end),
+        bytes(req.image),
+        weight,
+        req.group_by_track,
+    )
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    where: GalleryFilter
+    page_size: int
+    after: str | None
+
+
+CURSOR_VERSION = 1
+
+
+def _filter_digest(where: GalleryFilter) -> str:
+    key = json.dumps([list(where.camera_ids), where.start_ms, where.end_ms])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def make_cursor(where: GalleryFilter, last_image_id: str) -> str:
+    """An opaque page token: the last id listed and the filter it belongs to, with a
+    checksum. It holds a position, not a secret: a valid token only moves the page."""
+    body = json.dumps(
+        {"v": CURSOR_VERSION, "f": _filter_digest(where), "after": last_image_id},
+        separators=(",", ":"),
+    )
+    check = hashlib.sha256(body.encode()).hexdigest()[:16]
+    return base64.urlsafe_b64encode(f"{check}{body}".encode()).decode().rstrip("=")
+
+
+def read_cursor(token: str, where: GalleryFilter) -> str:
+    """The image id a page token continues after; INVALID_ARGUMENT for a forged, corrupt,
+    other-version or other-filter (stale) token."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        check, body = raw[:16], raw[16:]
+        if hashlib.sha256(body.encode()).hexdigest()[:16] != check:
+            raise ValueError("checksum")
+        fields = json.loads(body)
+        after = fields["after"]
+        version, digest = fields["v"], fields["f"]
+    except (ValueError, UnicodeDecodeError, binascii.Error, KeyError, TypeError):
+        raise _bad("page_token is not a token this service issued (corrupt or forged)") from None
+    if version != CURSOR_VERSION:
+        raise _bad(f"page_token is of format {version!r}; start again without a page_token")
+    if digest != _filter_digest(where):
+        raise _bad(
+            "page_token belongs to a listing with other cameras or another time range; "
+            "repeat the filter of the first page, or start again without a page_token"
+        )
+    if not isinstance(after, str) or not IMAGE_ID.fullmatch(after):
+        raise _bad("page_token holds no valid position")
+    return after
+
+
+def check_list(req: pb.ListImagesRequest) -> ListQuery:
+    if not 1 <= req.page_size <= MAX_PAGE_SIZE:
+        raise _bad(f"page_size must be between 1 and {MAX_PAGE_SIZE}, got {req.page_size}")
+    cameras = check_camera_ids(list(req.camera_ids))
+    start, end = check_time_range(req.HasField("time_range"), req.time_range)
+    where = GalleryFilter(cameras, start, end)
+    after = read_cursor(req.page_token, where) if req.page_token else None
+    return ListQuery(where, req.page_size, after)
 
 
 def check_gallery_image(item: pb.GalleryImage) -> str | None:

@@ -49,13 +49,33 @@ class PersonSearchStub:
                 request_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.SearchStream = channel.unary_stream(
+                '/icl.reid.v1.PersonSearch/SearchStream',
+                request_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.SearchRequest.SerializeToString,
+                response_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.SearchEvent.FromString,
+                _registered_method=True)
+        self.ListImages = channel.unary_unary(
+                '/icl.reid.v1.PersonSearch/ListImages',
+                request_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.ListImagesRequest.SerializeToString,
+                response_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
+        self.GetImage = channel.unary_unary(
+                '/icl.reid.v1.PersonSearch/GetImage',
+                request_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.GetImageRequest.SerializeToString,
+                response_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.GalleryImage.FromString,
+                _registered_method=True)
+        self.GetGalleryStats = channel.unary_unary(
+                '/icl.reid.v1.PersonSearch/GetGalleryStats',
+                request_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.GalleryStatsRequest.SerializeToString,
+                response_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.GalleryStats.FromString,
+                _registered_method=True)
 
 
 class PersonSearchServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Search(self, request, context):
-        """Rank the gallery for a text description of a person.
+        """Rank the gallery for a text description of a person, a query crop, or both.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +92,37 @@ class PersonSearchServicer:
 
     def Delete(self, request, context):
         """Delete gallery images by id, or by camera and capture-time range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchStream(self, request, context):
+        """Search, streamed: the base ranking, then one event per THI step as it happens, then
+        the final ranking, which equals what Search returns for the same request. Cancelling
+        the call stops the remaining MLLM calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListImages(self, request, context):
+        """Gallery images by camera and capture-time range, one page at a time, in image_id order.
+        Paging uses an opaque cursor (no offsets): stable under concurrent enrolment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetImage(self, request, context):
+        """One gallery image: its metadata and its stored crop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGalleryStats(self, request, context):
+        """Rows in the gallery, per camera, and the oldest and newest capture time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +145,26 @@ def add_PersonSearchServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.DeleteRequest.FromString,
                     response_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.DeleteResponse.SerializeToString,
+            ),
+            'SearchStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.SearchStream,
+                    request_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.SearchRequest.FromString,
+                    response_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.SearchEvent.SerializeToString,
+            ),
+            'ListImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImages,
+                    request_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.ListImagesRequest.FromString,
+                    response_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'GetImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImage,
+                    request_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.GetImageRequest.FromString,
+                    response_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.GalleryImage.SerializeToString,
+            ),
+            'GetGalleryStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGalleryStats,
+                    request_deserializer=icl_dot_reid_dot_v1_dot_person__search__pb2.GalleryStatsRequest.FromString,
+                    response_serializer=icl_dot_reid_dot_v1_dot_person__search__pb2.GalleryStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +248,114 @@ class PersonSearch:
             '/icl.reid.v1.PersonSearch/Delete',
             icl_dot_reid_dot_v1_dot_person__search__pb2.DeleteRequest.SerializeToString,
             icl_dot_reid_dot_v1_dot_person__search__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/icl.reid.v1.PersonSearch/SearchStream',
+            icl_dot_reid_dot_v1_dot_person__search__pb2.SearchRequest.SerializeToString,
+            icl_dot_reid_dot_v1_dot_person__search__pb2.SearchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icl.reid.v1.PersonSearch/ListImages',
+            icl_dot_reid_dot_v1_dot_person__search__pb2.ListImagesRequest.SerializeToString,
+            icl_dot_reid_dot_v1_dot_person__search__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icl.reid.v1.PersonSearch/GetImage',
+            icl_dot_reid_dot_v1_dot_person__search__pb2.GetImageRequest.SerializeToString,
+            icl_dot_reid_dot_v1_dot_person__search__pb2.GalleryImage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGalleryStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/icl.reid.v1.PersonSearch/GetGalleryStats',
+            icl_dot_reid_dot_v1_dot_person__search__pb2.GalleryStatsRequest.SerializeToString,
+            icl_dot_reid_dot_v1_dot_person__search__pb2.GalleryStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,29 @@ class ThiParams:
             raise ValueError("THI xi must be a number")
 
 
+@dataclass(frozen=True)
+class ThiStep:
+    """One step of THI as it happens (for streaming to an operator): `candidate` (position,
+    p_yes), `anchor` (position, confirmed), `vqa` (answers, cached), `refined` (text)."""
+
+    kind: Literal["candidate", "anchor", "vqa", "refined"]
+    image_id: str = ""  # the candidate's or the anchor's
+    position: int | None = None
+    p_yes: float = 0.0
+    confirmed: bool = False
+    answers: tuple[str, ...] = ()
+    cached: bool = False
+    text: str = ""
+
+
+# Called synchronously with each step; it must not block (the service puts it on a queue).
+OnStep = Callable[[ThiStep], None]
+
+
+def _no_steps(step: ThiStep) -> None:
+    return None
+
+
 class VqaCache(Protocol):
     """Answers per gallery image, keyed by the MLLM's model key (they do not see the query)."""
 
@@ -106,6 +129,7 @@ class ThiOutcome:
     round_trips: int = 0
     vqa_cached: bool = False
     fallback_reason: str = ""  # why the base ranking is kept; empty when there is an anchor
+    anchor_confirmed: bool = False  # the anchor was given by an operator, not found by the MLLM
 
     @property
     def failed(self) -> bool:
@@ -156,6 +180,7 @@ async def locate_anchor(
     mllm: Mllm,
     params: ThiParams,
     outcome: ThiOutcome,
+    on_step: OnStep = _no_steps,
 ) -> int | None:
     k = min(params.candidates, len(candidate_ids))
     if k == 0:
@@ -170,6 +195,7 @@ async def locate_anchor(
         outcome.round_trips += 1
         for p, prob in zip(positions, probs, strict=True):
             outcome.p_yes[p] = float(prob)
+            on_step(ThiStep("candidate", candidate_ids[p], p, p_yes=float(prob)))
 
     def yes(p: int) -> bool:
         return outcome.p_yes[p] > params.yes_threshold
@@ -223,20 +249,32 @@ async def run_thi(
     mllm: Mllm,
     params: ThiParams,
     cache: VqaCache | None = None,
+    on_step: OnStep = _no_steps,
+    confirmed_anchor: int | None = None,
 ) -> ThiOutcome:
     """Anchor, VQA of the anchor, aggregation. Any MLLM failure returns the base ranking's
-    outcome (no anchor) with the reason, never an exception."""
+    outcome (no anchor) with the reason, never an exception.
+
+    `confirmed_anchor` (a position in `candidate_ids`): an operator has confirmed that image
+    as the target, so the yes/no walk is skipped and VQA and refinement start from it.
+    `on_step` sees each step as it happens (SearchStream)."""
+    if confirmed_anchor is not None and not 0 <= confirmed_anchor < len(candidate_ids):
+        raise ValueError(f"confirmed anchor {confirmed_anchor} is not a candidate")
     outcome = ThiOutcome()
     try:
-        outcome.anchor = await locate_anchor(
-            query, candidate_ids, base_scores, load_images, mllm, params, outcome
-        )
+        if confirmed_anchor is not None:
+            outcome.anchor, outcome.anchor_confirmed = confirmed_anchor, True
+        else:
+            outcome.anchor = await locate_anchor(
+                query, candidate_ids, base_scores, load_images, mllm, params, outcome, on_step
+            )
         if outcome.anchor is None:
             asked = [outcome.p_yes[p] > params.yes_threshold for p in sorted(outcome.p_yes)]
             s1 = float(base_scores[0]) if len(base_scores) else 0.0
             outcome.fallback_reason = no_anchor_reason(s1, params.xi, asked)
             return outcome
         anchor_id = candidate_ids[outcome.anchor]
+        on_step(ThiStep("anchor", anchor_id, outcome.anchor, confirmed=outcome.anchor_confirmed))
         cached = None
         if params.schedule == "lean" and cache is not None:
             cached = cache.get(anchor_id, mllm.model_key)
@@ -249,9 +287,13 @@ async def run_thi(
             outcome.round_trips += 1
             if cache is not None:
                 cache.put(anchor_id, mllm.model_key, outcome.answers)
+        on_step(
+            ThiStep("vqa", anchor_id, answers=tuple(outcome.answers), cached=outcome.vqa_cached)
+        )
         outcome.refined_query, calls = await refine_query(query, outcome.answers, mllm)
         outcome.evaluations += calls
         outcome.round_trips += calls
+        on_step(ThiStep("refined", text=outcome.refined_query))
     except Exception as exc:  # any backend failure degrades to the base ranking
         detail = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
         return ThiOutcome(
@@ -264,11 +306,13 @@ async def run_thi(
 
 
 def fuse(
-    base_scores: np.ndarray, refined_scores: np.ndarray, anchor_index: int, lam: float
+    base_scores: np.ndarray, refined_scores: np.ndarray, anchor_index: int | None, lam: float
 ) -> np.ndarray:
-    """lambda * S_base + (1 - lambda) * S_ref with S_ref[anchor] pinned to 1."""
+    """lambda * S_base + (1 - lambda) * S_ref with S_ref[anchor] pinned to 1 (no pin when the
+    anchor is not among the scored images: a confirmed anchor outside the search's filter)."""
     refined = np.array(refined_scores, dtype=np.float64, copy=True)
-    refined[anchor_index] = 1.0
+    if anchor_index is not None:
+        refined[anchor_index] = 1.0
     return lam * np.asarray(base_scores, dtype=np.float64) + (1.0 - lam) * refined
 
 
@@ -297,8 +341,10 @@ __all__ = [
     "NO_ANCHOR_RANK1_NO",
     "NO_ANCHOR_RANK1_YES",
     "DictVqaCache",
+    "OnStep",
     "ThiOutcome",
     "ThiParams",
+    "ThiStep",
     "VqaCache",
     "anchor_rule",
     "describe",
