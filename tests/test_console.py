@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
+from datetime import time as dtime
 from pathlib import Path
 
 import pytest
@@ -72,13 +74,23 @@ def _app(
     return at
 
 
-def _search(at: AppTest, text: str, thi: bool = False, **numbers: float) -> AppTest:
+def _search(
+    at: AppTest, text: str, thi: bool = False, crop: bytes | None = None, **numbers: float
+) -> AppTest:
     at.text_area[0].input(text)
+    if crop is not None:
+        at.file_uploader[0].set_value(("query.png", crop, "image/png"))
     if thi:
         at.toggle[0].set_value(True)
     for label, value in numbers.items():
         next(n for n in at.number_input if n.label.startswith(label)).set_value(value)
-    at.button[0].click()  # the form's Search button
+    _click(at, "Search")
+    return at
+
+
+def _click(at: AppTest, label: str | None = None, key: str | None = None) -> AppTest:
+    button = at.button(key=key) if key else next(b for b in at.button if b.label == label)
+    button.click()
     at.run()
     assert not at.exception, at.exception
     return at
@@ -88,33 +100,85 @@ def _texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
-def test_search_shows_ranked_results(stack, monkeypatch) -> None:
+def _ranked(at: AppTest) -> list[str]:
+    """The image ids of the result grid, in rank order."""
+    return [str(c.value).split(" · ")[0] for c in at.caption if str(c.value).startswith("p0")]
+
+
+def test_search_shows_ranked_results_with_crops(stack, monkeypatch) -> None:
     at = _search(_app(monkeypatch, stack["address"]), demo_queries()[0])
-    assert "10 results" in _texts(at.subheader)
+    assert any(str(h.value).startswith("10 results for: ") for h in at.subheader)
     ranks = [m.value for m in at.markdown if str(m.value).startswith("**#")]
     assert len(ranks) == 10 and ranks[0].startswith("**#1**")
+    assert len(at.get("image")) >= 10  # each result shows its crop (GetImage)
     assert "p00000-" in _texts(at.caption)  # the first identity's crops rank high
 
 
-def test_thi_search_shows_its_steps(stack, monkeypatch) -> None:
+def test_thi_search_streams_its_steps(stack, monkeypatch) -> None:
     at = _search(_app(monkeypatch, stack["address"]), demo_queries()[0], thi=True, xi=1.0)
     assert "THI" in _texts(at.subheader)
-    checked = [p for p in at.get("progress")]
-    assert checked, "no candidate's P(Yes) shown"
+    assert at.get("progress"), "no candidate's P(Yes) shown"
     assert "MLLM calls" in _texts(at.caption)
     outcome = _texts(at.success) + _texts(at.info)
-    assert "Anchor:" in outcome or "kept the base ranking" in outcome
+    assert "found by the MLLM" in outcome or "kept the base ranking" in outcome
+    # A rerun (any click elsewhere) redraws the same trace from the session.
+    at.run()
+    assert at.get("progress") and "MLLM calls" in _texts(at.caption)
+
+
+def test_confirming_a_result_runs_thi_from_it(stack, monkeypatch) -> None:
+    at = _search(_app(monkeypatch, stack["address"]), demo_queries()[0])
+    before = _ranked(at)
+    chosen = before[2]
+    _click(at, key=f"confirm-{chosen}")
+    assert f"Anchor: {chosen} (confirmed by the operator)" in _texts(at.success)
+    assert "Refined query:" in _texts(at.markdown)
+    old = at.dataframe[0].value  # the ranking before, beside the new one
+    assert list(old["image"]) == before
+    assert any(":green[▲" in str(m.value) or ":red[▼" in str(m.value) for m in at.markdown) or (
+        _ranked(at) == before
+    )
+
+
+def test_query_by_example_and_search_with_this_crop(stack, monkeypatch) -> None:
+    crop = next(iter(demo_gallery(1))).png  # p00000-0, enrolled
+    at = _search(_app(monkeypatch, stack["address"]), "", crop=crop)
+    assert _ranked(at)[0] == "p00000-0"  # the same crop is its own best match
+    assert any("an example crop" in str(h.value) for h in at.subheader)
+    second = _ranked(at)[1]
+    _click(at, key=f"example-{second}")
+    assert _ranked(at)[0] == second
+    # THI needs a description to check candidates against: a crop alone is refused.
+    at = _search(_app(monkeypatch, stack["address"]), "", crop=crop, thi=True)
+    assert "Not possible for this request (FAILED_PRECONDITION" in _texts(at.error)
+
+
+def test_one_result_per_track(stack, monkeypatch) -> None:
+    at = _app(monkeypatch, stack["address"])
+    at.checkbox[0].check()  # One result per track
+    at = _search(at, demo_queries()[0])
+    captions = [str(c.value) for c in at.caption if " · track " in str(c.value)]
+    tracks = [c.split(" · track ")[1].split(" ")[0] for c in captions]
+    assert tracks and len(tracks) == len(set(tracks))
 
 
 def test_nothing_found_and_bad_filters(stack, monkeypatch) -> None:
     at = _app(monkeypatch, stack["address"])
-    at.text_input[0].input("cam-99")
-    at = _search(at, demo_queries()[0])
-    assert "No results" in _texts(at.warning) or "NOT_FOUND" in _texts(at.error)
-    at = _app(monkeypatch, stack["address"])
-    at.checkbox[0].check()  # a time window without a day
+    next(c for c in at.checkbox if c.label == "Only a time window").check()
     at = _search(at, demo_queries()[0])
     assert "Pick a day" in _texts(at.error)
+    at = _app(monkeypatch, stack["address"])
+    next(c for c in at.checkbox if c.label == "Only a time window").check()
+    at.date_input[0].set_value(datetime(2020, 1, 1).date())  # a day before any capture
+    at = _search(at, demo_queries()[0])
+    assert "No results" in _texts(at.warning)
+    at = _app(monkeypatch, stack["address"])
+    next(c for c in at.checkbox if c.label == "Only a time window").check()
+    at.date_input[0].set_value(datetime(2026, 1, 5).date())
+    next(t for t in at.time_input if t.label == "From").set_value(dtime(18, 0))
+    next(t for t in at.time_input if t.label == "To").set_value(dtime(9, 0))
+    at = _search(at, demo_queries()[0])
+    assert "ends before it starts" in _texts(at.error)
 
 
 def test_empty_description_is_a_clear_error(stack, monkeypatch) -> None:
@@ -129,6 +193,23 @@ def test_service_down_and_token_refused(stack, monkeypatch) -> None:
     message = _texts(refused.error)
     assert "refused the console's token (UNAUTHENTICATED" in message
     assert "wrong-token" not in message
+
+
+def test_gallery_browsing_pages_and_opens_an_image(stack, monkeypatch) -> None:
+    at = _app(monkeypatch, stack["address"])
+    at.switch_page("views/gallery.py").run()
+    assert not at.exception, at.exception
+    cameras = {d.camera_id for d in demo_gallery(N_IMAGES)}
+    assert f"{N_IMAGES} images from {len(cameras)} cameras" in _texts(at.caption)
+    first = list(at.dataframe[0].value["image id"])
+    assert len(first) == 20
+    _click(at, "Next page")
+    second = list(at.dataframe[0].value["image id"])
+    assert second and not set(first) & set(second)
+    assert len(first) + len(second) >= N_IMAGES - 1  # every image on one of the two pages
+    next(s for s in at.selectbox if s.label == "Open an image").set_value(second[0]).run()
+    assert any(second[0] in str(m.value) for m in at.markdown)
+    assert at.get("image")
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:
@@ -148,7 +229,7 @@ def test_upload_and_delete(stack, monkeypatch) -> None:
     at.run()
     assert not at.exception, at.exception
     assert "1 of 2 crops enrolled." in _texts(at.warning)
-    rows = at.dataframe[0].value
+    rows = next(d.value for d in at.dataframe if "result" in d.value.columns)
     assert set(rows["result"]) == {"accepted", "rejected"}
     assert "cam-up-red" in set(rows["image id"])
 
@@ -171,6 +252,7 @@ def test_sightings_follow_the_last_search(stack, monkeypatch) -> None:
     at.switch_page("views/sightings.py").run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value
+    assert at.get("image")  # the crops of the sightings, in time order
     assert len(table) >= 1 and set(table["camera"]) <= {f"cam-{i:02d}" for i in range(1, 7)}
     assert list(table["time"]) == sorted(table["time"])
 
@@ -184,6 +266,7 @@ def test_status_shows_health_and_metrics(stack, monkeypatch) -> None:
     assert values["Triton: text and image encoders"] == "SERVING"
     assert values["Triton: the MLLM (THI)"] == "SERVING"
     assert values["Milvus: the gallery"] == "SERVING"
+    assert f"Gallery: {N_IMAGES} images" in _texts(at.subheader)  # the upload test deleted its own
     assert int(values["Gallery images"]) >= N_IMAGES - 1
 
 

@@ -55,6 +55,19 @@ def client() -> PersonSearchClient:
     return _client(settings())
 
 
+@st.cache_data(show_spinner=False, max_entries=5000, ttl=3600)
+def _crop(settings: ConsoleSettings, image_id: str) -> bytes | None:
+    try:
+        return _client(settings).get_image(image_id).image or None
+    except grpc.RpcError:
+        return None  # deleted meanwhile, or the service is down: the grid shows no picture
+
+
+def crop(image_id: str) -> bytes | None:
+    """A gallery image's crop (cached: crops never change under an id until it is deleted)."""
+    return _crop(settings(), image_id)
+
+
 def explain(exc: grpc.RpcError) -> ServiceError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     hint = _HINTS.get(code, "The call failed")

@@ -1,4 +1,5 @@
-"""Gallery: enrol crops by upload (a result per crop), delete images with a confirmation."""
+"""Gallery: browse by camera and time with paging, open an image, enrol crops by upload (a
+result per crop), delete images with a confirmation."""
 
 from __future__ import annotations
 
@@ -7,12 +8,81 @@ from pathlib import PurePath
 
 import streamlit as st
 
-from icl_api import gallery_image, pb
+from icl_api import gallery_image, list_images_request, pb
 from icl_console import service
+from icl_console.render import when
 
 st.title("Gallery")
 
-enrol, remove = st.tabs(["Enrol crops", "Delete"])
+browse, enrol, remove = st.tabs(["Browse", "Enrol crops", "Delete"])
+
+with browse:
+    try:
+        stats = service.call(service.client().gallery_stats)
+    except service.ServiceError as error:
+        service.show_error(error)
+        stats = None
+    if stats is not None:
+        span = (
+            f"; captured {when(stats.oldest_captured_at)} to {when(stats.newest_captured_at)}"
+            if stats.images
+            else ""
+        )
+        st.caption(f"{stats.images} images from {len(stats.cameras)} cameras{span}")
+        left, middle, right = st.columns(3)
+        cameras = left.multiselect(
+            "Cameras (none: all)", sorted(c.camera_id for c in stats.cameras)
+        )
+        page_size = middle.selectbox("Per page", [20, 50, 100], index=0)
+        window = right.date_input("Captured on (optional)", value=None, key="browse_day")
+        since = datetime.combine(window, time(0, 0), tzinfo=UTC) if window else None
+        until = datetime.combine(window, time(23, 59, 59), tzinfo=UTC) if window else None
+        # A filter change starts again from the first page; the tokens walk forward only.
+        query = (tuple(cameras), page_size, window)
+        if st.session_state.get("browse_query") != query:
+            st.session_state.browse_query = query
+            st.session_state.browse_tokens = [""]
+        tokens: list[str] = st.session_state.browse_tokens
+        request = list_images_request(page_size, cameras, since, until, page_token=tokens[-1])
+        try:
+            page = service.call(service.client().list_images, request)
+        except service.ServiceError as error:
+            service.show_error(error)
+        else:
+            st.markdown(f"Page {len(tokens)}: {len(page.images)} images")
+            rows = [
+                {
+                    "image id": i.image_id,
+                    "camera": i.camera_id,
+                    "captured (UTC)": when(i.captured_at),
+                    "track": i.track_id,
+                }
+                for i in page.images
+            ]
+            st.dataframe(rows, hide_index=True, width="stretch")
+            back, forward = st.columns(2)
+            if back.button("First page", disabled=len(tokens) == 1):
+                st.session_state.browse_tokens = [""]
+                st.rerun()
+            if forward.button("Next page", disabled=not page.next_page_token):
+                tokens.append(page.next_page_token)
+                st.rerun()
+            ids = [i.image_id for i in page.images]
+            chosen = st.selectbox("Open an image", ids, index=None) if ids else None
+            if chosen:
+                try:
+                    image = service.call(service.client().get_image, chosen)
+                except service.ServiceError as error:
+                    service.show_error(error)
+                else:
+                    picture, facts = st.columns([1, 3])
+                    if image.image:
+                        picture.image(image.image)
+                    facts.markdown(
+                        f"**{image.image_id}**  \ncamera {image.camera_id} · "
+                        f"{when(image.captured_at)} · track {image.track_id or '-'}"
+                        + (f"  \n{image.image_uri}" if image.image_uri else "")
+                    )
 
 with enrol, st.form("enrol", clear_on_submit=False):
     files = st.file_uploader(

@@ -6,6 +6,9 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from icl_console import service
+from icl_console.render import when
+
 st.title("Sightings")
 
 last = st.session_state.get("last_search")
@@ -14,7 +17,12 @@ if last is None or not last["response"].hits:
     st.stop()
 
 hits = list(last["response"].hits)
-st.caption(f"From the search: {last['text']}")
+request = last["request"]
+confirmed = request.thi.confirmed_anchor_image_id
+if confirmed:
+    st.caption(f"The person confirmed as {confirmed}, and the results THI ranked with them.")
+else:
+    st.caption(f"From the search: {request.text or 'an example crop'}")
 threshold = st.slider(
     "Keep results scoring at least",
     min_value=float(min(h.score for h in hits)),
@@ -43,3 +51,10 @@ points = (
 )
 st.altair_chart(path + points, width="stretch")
 st.dataframe(frame, hide_index=True, width="stretch")
+strip = st.columns(min(len(kept), 8) or 1)
+for column, hit in zip(
+    strip, sorted(kept, key=lambda h: h.captured_at.ToMilliseconds()), strict=False
+):
+    crop = service.crop(hit.image_id)
+    if crop:
+        column.image(crop, caption=f"{hit.camera_id} {when(hit.captured_at)[11:16]}")

@@ -26,6 +26,15 @@ if not overall.startswith("unreachable"):
         state = service.health(name)
         column.metric(label, "not configured" if "NOT_FOUND" in state else state)
 
+if not overall.startswith("unreachable"):
+    try:
+        stats = service.call(service.client().gallery_stats)
+    except service.ServiceError as error:
+        service.show_error(error)
+    else:
+        st.subheader(f"Gallery: {stats.images} images")
+        st.bar_chart({c.camera_id: c.images for c in stats.cameras}, horizontal=True)
+
 if settings.metrics_url:
     try:
         samples = service.scrape_metrics(settings.metrics_url)
