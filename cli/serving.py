@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from icl.cli.common import (
     WORKDIR,
@@ -18,6 +19,7 @@ from icl.cli.common import (
     setup_logging,
     until_stopped,
 )
+from icl.orchestrator.settings import ServeSettings, SettingsProblem
 
 
 def triton(
@@ -74,10 +76,14 @@ def triton(
         raise server_died(server)
 
 
-def _opt(help: str, **kwargs: Any) -> Any:
+def _opt(name: str, help: str) -> Any:
     # No default and no envvar here: an option left out is None, and the settings object
-    # (orchestrator/settings.py) fills it from ICL_..., the --config file or its default.
-    return typer.Option(help=help, show_default=False, **kwargs)
+    # (orchestrator/settings.py) fills it from ICL_..., the --config file or its default,
+    # which the help shows.
+    default = ServeSettings.model_fields[name].default
+    if default not in (None, "") and name not in ServeSettings.secrets and "default" not in help:
+        help = f"{help.rstrip('.')} (default {default})."
+    return typer.Option(help=help, show_default=False)
 
 
 def serve(
@@ -85,102 +91,122 @@ def serve(
         Path | None,
         typer.Option(
             envvar="ICL_CONFIG",
-            help="TOML settings file ([serve] table); environment (ICL_...) and options win.",
+            help="TOML settings file (its serve table); the environment (ICL_...) and options win.",
             show_default=False,
         ),
     ] = None,
     print_config: Annotated[
         bool, typer.Option("--print-config", help="Print the effective settings and exit.")
     ] = False,
-    triton_url: Annotated[str | None, _opt("Triton gRPC address [127.0.0.1:8001].")] = None,
+    triton_url: Annotated[str | None, _opt("triton_url", "Triton gRPC address.")] = None,
     milvus_uri: Annotated[
         str | None,
-        _opt("Milvus Lite data dir, or http(s)://host:port of a server [.icl/gallery.db]."),
+        _opt("milvus_uri", "Milvus Lite data dir, or http(s)://host:port of a server."),
     ] = None,
     milvus_token: Annotated[
-        str | None, _opt("user:password or API key (never logged; better ICL_MILVUS_TOKEN).")
+        str | None,
+        _opt("milvus_token", "user:password or API key (never logged; better ICL_MILVUS_TOKEN)."),
     ] = None,
-    collection: Annotated[str | None, _opt("Milvus collection [gallery].")] = None,
-    host: Annotated[str | None, _opt("Address to listen on [127.0.0.1].")] = None,
-    port: Annotated[int | None, _opt("Port; 0: a free port [50051].")] = None,
+    collection: Annotated[str | None, _opt("collection", "Milvus collection.")] = None,
+    host: Annotated[str | None, _opt("host", "Address to listen on.")] = None,
+    port: Annotated[int | None, _opt("port", "Port; 0: a free port.")] = None,
     triton_wait: Annotated[
-        float | None, _opt("Seconds to wait for Triton's models at start [60].")
+        float | None, _opt("triton_wait", "Seconds to wait for Triton's models at start.")
     ] = None,
-    mllm_model: Annotated[str | None, _opt("Triton model for THI ('' = THI off) [''].")] = None,
+    mllm_model: Annotated[
+        str | None, _opt("mllm_model", "Triton model for THI ('' = THI off).")
+    ] = None,
     crop_dir: Annotated[
         str | None,
-        _opt("Where enrolled crops are kept for THI (default: beside the Lite data dir)."),
+        _opt(
+            "crop_dir", "Where enrolled crops are kept for THI (default: beside the Lite data dir)."
+        ),
     ] = None,
     mllm_timeout: Annotated[
-        float | None, _opt("Seconds a search waits for the MLLM before degrading [20].")
+        float | None, _opt("mllm_timeout", "Seconds a search waits for the MLLM before degrading.")
     ] = None,
-    thi_schedule: Annotated[str | None, _opt("lean | reference (the paper's) [lean].")] = None,
-    thi_walk: Annotated[str | None, _opt("lazy (fewest calls) | batched [lazy].")] = None,
+    thi_schedule: Annotated[
+        str | None, _opt("thi_schedule", "lean | reference (the paper's).")
+    ] = None,
+    thi_walk: Annotated[str | None, _opt("thi_walk", "lazy (fewest calls) | batched.")] = None,
     search_ef: Annotated[
-        int | None, _opt("HNSW beam of unfiltered searches (default: the gallery's, 512).")
+        int | None,
+        _opt("search_ef", "HNSW beam of unfiltered searches (default: the gallery's, 512)."),
     ] = None,
     filtered_search_ef: Annotated[
         int | None,
         _opt(
+            "filtered_search_ef",
             "HNSW beam of camera/time-filtered searches (default: the gallery's, 1024; "
-            "recall against ef: docs/gallery.md)."
+            "recall against ef: docs/gallery.md).",
         ),
     ] = None,
     health_poll_s: Annotated[
         float | None,
-        _opt("Seconds between checks of Triton and Milvus (gRPC health follows them) [1]."),
+        _opt(
+            "health_poll_s",
+            "Seconds between checks of Triton and Milvus (gRPC health follows them).",
+        ),
     ] = None,
     grace_s: Annotated[
         float | None,
         _opt(
+            "grace_s",
             "On SIGTERM, seconds in-flight calls (THI searches, Enroll streams) may take "
-            "to finish [30]."
+            "to finish.",
         ),
     ] = None,
     tls_cert: Annotated[
-        Path | None, _opt("Serve TLS with this certificate chain (PEM); needs --tls-key.")
+        Path | None,
+        _opt("tls_cert", "Serve TLS with this certificate chain (PEM); needs --tls-key."),
     ] = None,
-    tls_key: Annotated[Path | None, _opt("The certificate's key (PEM).")] = None,
+    tls_key: Annotated[Path | None, _opt("tls_key", "The certificate's key (PEM).")] = None,
     tls_client_ca: Annotated[
-        Path | None, _opt("Require client certificates signed by this CA (PEM): mutual TLS.")
+        Path | None,
+        _opt("tls_client_ca", "Require client certificates signed by this CA (PEM): mutual TLS."),
     ] = None,
     tokens_file: Annotated[
         Path | None,
         _opt(
+            "tokens_file",
             "Bearer tokens and their permissions (search, enroll, admin), TOML or JSON; "
-            "format in docs/serving.md. None: no authentication (loopback only)."
+            "format in docs/serving.md. None: no authentication (loopback only).",
         ),
     ] = None,
     metrics_port: Annotated[
-        int | None, _opt("Serve Prometheus metrics at http://HOST:PORT/metrics (0: off) [0].")
+        int | None,
+        _opt("metrics_port", "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
     ] = None,
     log_format: Annotated[
         str | None,
-        _opt("text | json (one object per line: time, level, logger, message, request_id)."),
+        _opt(
+            "log_format",
+            "text | json (one object per line: time, level, logger, message, request_id).",
+        ),
     ] = None,
     max_thi_in_flight: Annotated[
-        int | None, _opt("THI searches served at once [4]; more wait in --thi-queue.")
+        int | None,
+        _opt("max_thi_in_flight", "THI searches served at once; more wait in --thi-queue."),
     ] = None,
     thi_queue: Annotated[
-        int | None, _opt("THI searches that may wait; beyond: RESOURCE_EXHAUSTED [8].")
+        int | None, _opt("thi_queue", "THI searches that may wait; beyond: RESOURCE_EXHAUSTED.")
     ] = None,
     max_in_flight: Annotated[
-        int | None, _opt("Other PersonSearch calls served at once (streams too) [64].")
+        int | None, _opt("max_in_flight", "Other PersonSearch calls served at once (streams too).")
     ] = None,
     queue: Annotated[
-        int | None, _opt("Other calls that may wait; beyond: RESOURCE_EXHAUSTED [128].")
+        int | None, _opt("queue", "Other calls that may wait; beyond: RESOURCE_EXHAUSTED.")
     ] = None,
     queue_wait_s: Annotated[
-        float | None, _opt("Longest wait for a slot before RESOURCE_EXHAUSTED [5].")
+        float | None, _opt("queue_wait_s", "Longest wait for a slot before RESOURCE_EXHAUSTED.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the PersonSearch gRPC service against a running Triton and Milvus.
 
-    Settings come from --config (TOML), then the environment (ICL_ + the option's name),
-    then these options, the last winning (docs/operations.md)."""
+    Settings: defaults < --config file < environment (ICL_NAME) < options (docs/operations.md).
+    """
     options = dict(locals())  # the parameters, before any other local exists
-    from icl.orchestrator.settings import ServeSettings, SettingsProblem
 
     given = {
         name: value
@@ -192,7 +218,7 @@ def serve(
     try:
         settings = ServeSettings.load(config, **given)
     except SettingsProblem as exc:
-        raise fail("invalid settings: " + "; ".join(exc.problems)) from None
+        raise fail(escape("invalid settings: " + "; ".join(exc.problems))) from None
     if print_config:
         console.print(settings.render(), highlight=False, markup=False, soft_wrap=True)
         return

@@ -160,7 +160,9 @@ def _messages(exc: ValidationError, cls: type[_LayeredSettings]) -> list[str]:
             where = (
                 f"--{name.replace('_', '-')}, {ENV_PREFIX}{name.upper()}, {name} in [{cls.section}]"
             )
-            shown = "" if name in cls.secrets else f" (got {error.get('input')!r})"
+            value = error.get("input")
+            value = str(value) if isinstance(value, Path) else value
+            shown = "" if name in cls.secrets else f" (got {value!r})"
             out.append(f"{name} ({where}): {msg}{shown}")
         else:
             out.append(msg)
