@@ -121,13 +121,19 @@ def test_print_config_shows_effective_values_with_secrets_masked(
     tokens = _file(tmp_path, "[tokens.a]\ntoken = 'x'\n")
     monkeypatch.setenv("ICL_MILVUS_TOKEN", SECRET)
     monkeypatch.setenv("ICL_PORT", "6001")
+    config = tmp_path / "serve.toml"
+    config.write_text("[serve]\nport = 6000\nmax_in_flight = 6\nthi_queue = 2\n")
     result = CliRunner().invoke(
         app,
-        ["serve", "--print-config", "--tokens-file", str(tokens), "--max-in-flight", "7"],
+        [
+            *("serve", "--print-config", "--config", str(config)),
+            *("--tokens-file", str(tokens), "--max-in-flight", "7"),
+        ],
     )
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "port = 6001" in out and "max_in_flight = 7" in out
+    # file < environment < command line
+    assert "thi_queue = 2" in out and "port = 6001" in out and "max_in_flight = 7" in out
     assert f'tokens_file = "{tokens}"' in out  # the path; its tokens are not read here
     assert 'milvus_token = "********"' in out and SECRET not in out
     # What it prints reads back as a settings file.
