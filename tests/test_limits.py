@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+import signal
 import threading
 import time
 import urllib.request
@@ -287,6 +288,43 @@ def test_a_held_enroll_stream_takes_the_only_slot(
             assert len(stub.Search(search_request(QUERY, top_k=3), timeout=10).hits) == 3
     finally:
         release.set()
+        running.stop()
+
+
+def test_sigterm_drains_the_calls_waiting_for_a_slot_too(
+    slow_triton: TritonServer, tmp_path: Path
+) -> None:
+    """A call admitted to the queue was accepted: on SIGTERM it is served within the grace
+    period like the one in flight, not cut when the last one in flight ends."""
+    running = start_orchestrator(
+        slow_triton.grpc_url,
+        tmp_path / "gallery.db",
+        tmp_path / "log",
+        args=["--max-thi-in-flight", "1", "--thi-queue", "1", "--queue-wait-s", "60"],
+        ICL_MLLM_MODEL=SLOW_MLLM,
+        ICL_MLLM_TIMEOUT="30",
+        ICL_GRACE_S="40",
+    )
+    try:
+        with running.channel() as channel:
+            stub = pb_grpc.PersonSearchStub(channel)
+            enroll_all(stub, gallery_images(demo_gallery(12, seed=12)))
+
+            def thi_call(_: int) -> str:
+                try:
+                    return "OK" if len(stub.Search(_thi_request(), timeout=60).hits) == 5 else "?"
+                except grpc.RpcError as exc:
+                    return exc.code().name
+
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(thi_call, 0)
+                time.sleep(0.5)  # the first holds the slot, the second waits for it
+                second = pool.submit(thi_call, 1)
+                time.sleep(0.5)
+                running.process.send_signal(signal.SIGTERM)
+                assert (first.result(timeout=60), second.result(timeout=60)) == ("OK", "OK")
+        assert running.process.wait(timeout=30) == 0
+    finally:
         running.stop()
 
 
