@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from icl.cli.common import (
     WORKDIR,
@@ -18,6 +19,7 @@ from icl.cli.common import (
     setup_logging,
     until_stopped,
 )
+from icl.orchestrator.settings import ServeSettings, SettingsProblem
 
 
 def triton(
@@ -27,17 +29,37 @@ def triton(
     http_port: Annotated[int, typer.Option(help="0: a free port.")] = 8000,
     log_file: Annotated[Path, typer.Option(help="Where the server log goes.")] = WORKDIR
     / "tritonserver.log",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Triton's own Prometheus metrics (nv_inference_count, ...) at "
+            "http://127.0.0.1:PORT/metrics (0: a free port; default: off).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the bundled tritonserver (CPU, python backend) on loopback until stopped."""
     from icl.orchestrator.tritonserver import TritonLaunchError, TritonServer
 
-    server = TritonServer(model_repository, log_file, grpc_port=grpc_port, http_port=http_port)
+    server = TritonServer(
+        model_repository,
+        log_file,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+    )
     try:
         server.start()
     except TritonLaunchError as exc:
         raise fail(str(exc)) from None
+    metrics = f", metrics {server.metrics_url}" if server.metrics_url else ""
     console.print(
-        f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, log {log_file}"
+        f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}{metrics}, "
+        f"log {log_file}",
+        highlight=False,
+        soft_wrap=True,  # one line, whatever the terminal's width: scripts read it
     )
 
     async def wait() -> None:
@@ -54,187 +76,173 @@ def triton(
         raise server_died(server)
 
 
+def _opt(name: str, help: str) -> Any:
+    # No default and no envvar here: an option left out is None, and the settings object
+    # (orchestrator/settings.py) fills it from ICL_..., the --config file or its default,
+    # which the help shows.
+    default = ServeSettings.model_fields[name].default
+    if default not in (None, "") and name not in ServeSettings.secrets and "default" not in help:
+        help = f"{help.rstrip('.')} (default {default})."
+    return typer.Option(help=help, show_default=False)
+
+
 def serve(
-    triton_url: Annotated[
-        str, typer.Option(envvar="ICL_TRITON_URL", help="Triton gRPC address.")
-    ] = "127.0.0.1:8001",
-    milvus_uri: Annotated[
-        str,
+    config: Annotated[
+        Path | None,
         typer.Option(
-            envvar="ICL_MILVUS_URI",
-            help="Milvus Lite data dir, or http(s)://host:port of a server.",
-        ),
-    ] = str(WORKDIR / "gallery.db"),
-    milvus_token: Annotated[
-        str,
-        typer.Option(
-            envvar="ICL_MILVUS_TOKEN",
-            help="user:password or API key (never logged).",
+            envvar="ICL_CONFIG",
+            help="TOML settings file (its serve table); the environment (ICL_...) and options win.",
             show_default=False,
         ),
-    ] = "",
-    collection: Annotated[str, typer.Option(envvar="ICL_COLLECTION")] = "gallery",
-    host: Annotated[str, typer.Option(envvar="ICL_HOST")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="ICL_PORT", help="0: a free port.")] = 50051,
+    ] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the effective settings and exit.")
+    ] = False,
+    triton_url: Annotated[str | None, _opt("triton_url", "Triton gRPC address.")] = None,
+    milvus_uri: Annotated[
+        str | None,
+        _opt("milvus_uri", "Milvus Lite data dir, or http(s)://host:port of a server."),
+    ] = None,
+    milvus_token: Annotated[
+        str | None,
+        _opt("milvus_token", "user:password or API key (never logged; better ICL_MILVUS_TOKEN)."),
+    ] = None,
+    collection: Annotated[str | None, _opt("collection", "Milvus collection.")] = None,
+    host: Annotated[str | None, _opt("host", "Address to listen on.")] = None,
+    port: Annotated[int | None, _opt("port", "Port; 0: a free port.")] = None,
     triton_wait: Annotated[
-        float, typer.Option(help="Seconds to wait for Triton's models at start.")
-    ] = 60.0,
+        float | None, _opt("triton_wait", "Seconds to wait for Triton's models at start.")
+    ] = None,
     mllm_model: Annotated[
-        str,
-        typer.Option(envvar="ICL_MLLM_MODEL", help="Triton model for THI ('' = THI off)."),
-    ] = "",
+        str | None, _opt("mllm_model", "Triton model for THI ('' = THI off).")
+    ] = None,
     crop_dir: Annotated[
-        str,
-        typer.Option(
-            envvar="ICL_CROP_DIR",
-            help="Where enrolled crops are kept for THI (default: beside the Lite data dir).",
+        str | None,
+        _opt(
+            "crop_dir", "Where enrolled crops are kept for THI (default: beside the Lite data dir)."
         ),
-    ] = "",
+    ] = None,
     mllm_timeout: Annotated[
-        float,
-        typer.Option(
-            envvar="ICL_MLLM_TIMEOUT", help="Seconds a search waits for the MLLM before degrading."
-        ),
-    ] = 20.0,
+        float | None, _opt("mllm_timeout", "Seconds a search waits for the MLLM before degrading.")
+    ] = None,
     thi_schedule: Annotated[
-        str, typer.Option(envvar="ICL_THI_SCHEDULE", help="lean | reference (the paper's).")
-    ] = "lean",
-    thi_walk: Annotated[
-        str, typer.Option(envvar="ICL_THI_WALK", help="lazy (fewest calls) | batched.")
-    ] = "lazy",
+        str | None, _opt("thi_schedule", "lean | reference (the paper's).")
+    ] = None,
+    thi_walk: Annotated[str | None, _opt("thi_walk", "lazy (fewest calls) | batched.")] = None,
     search_ef: Annotated[
         int | None,
-        typer.Option(
-            min=1,
-            envvar="ICL_SEARCH_EF",
-            help="HNSW beam of unfiltered searches (default: the gallery's, 512).",
-            show_default=False,
-        ),
+        _opt("search_ef", "HNSW beam of unfiltered searches (default: the gallery's, 512)."),
     ] = None,
     filtered_search_ef: Annotated[
         int | None,
-        typer.Option(
-            min=1,
-            envvar="ICL_FILTERED_SEARCH_EF",
-            help="HNSW beam of camera/time-filtered searches (default: the gallery's, 1024; "
+        _opt(
+            "filtered_search_ef",
+            "HNSW beam of camera/time-filtered searches (default: the gallery's, 1024; "
             "recall against ef: docs/gallery.md).",
-            show_default=False,
         ),
     ] = None,
     health_poll_s: Annotated[
-        float,
-        typer.Option(
-            min=0.05,
-            envvar="ICL_HEALTH_POLL_S",
-            help="Seconds between checks of Triton and Milvus (gRPC health follows them).",
+        float | None,
+        _opt(
+            "health_poll_s",
+            "Seconds between checks of Triton and Milvus (gRPC health follows them).",
         ),
-    ] = 1.0,
+    ] = None,
     grace_s: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            envvar="ICL_GRACE_S",
-            help="On SIGTERM, seconds in-flight calls (THI searches, Enroll streams) may take "
+        float | None,
+        _opt(
+            "grace_s",
+            "On SIGTERM, seconds in-flight calls (THI searches, Enroll streams) may take "
             "to finish.",
         ),
-    ] = 30.0,
+    ] = None,
     tls_cert: Annotated[
         Path | None,
-        typer.Option(
-            envvar="ICL_TLS_CERT",
-            help="Serve TLS with this certificate chain (PEM); needs --tls-key.",
-            show_default=False,
-        ),
+        _opt("tls_cert", "Serve TLS with this certificate chain (PEM); needs --tls-key."),
     ] = None,
-    tls_key: Annotated[
-        Path | None,
-        typer.Option(envvar="ICL_TLS_KEY", help="The certificate's key (PEM).", show_default=False),
-    ] = None,
+    tls_key: Annotated[Path | None, _opt("tls_key", "The certificate's key (PEM).")] = None,
     tls_client_ca: Annotated[
         Path | None,
-        typer.Option(
-            envvar="ICL_TLS_CLIENT_CA",
-            help="Require client certificates signed by this CA (PEM): mutual TLS.",
-            show_default=False,
-        ),
+        _opt("tls_client_ca", "Require client certificates signed by this CA (PEM): mutual TLS."),
     ] = None,
     tokens_file: Annotated[
         Path | None,
-        typer.Option(
-            envvar="ICL_TOKENS_FILE",
-            help="Bearer tokens and their permissions (search, enroll, admin), TOML or JSON; "
+        _opt(
+            "tokens_file",
+            "Bearer tokens and their permissions (search, enroll, admin), TOML or JSON; "
             "format in docs/serving.md. None: no authentication (loopback only).",
-            show_default=False,
         ),
     ] = None,
     metrics_port: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            max=65535,
-            envvar="ICL_METRICS_PORT",
-            help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).",
-        ),
-    ] = 0,
+        int | None,
+        _opt("metrics_port", "Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
+    ] = None,
     log_format: Annotated[
-        str,
-        typer.Option(
-            envvar="ICL_LOG_FORMAT",
-            help="text | json (one object per line: time, level, logger, message, request_id).",
+        str | None,
+        _opt(
+            "log_format",
+            "text | json (one object per line: time, level, logger, message, request_id).",
         ),
-    ] = "text",
+    ] = None,
+    max_thi_in_flight: Annotated[
+        int | None,
+        _opt("max_thi_in_flight", "THI searches served at once; more wait in --thi-queue."),
+    ] = None,
+    thi_queue: Annotated[
+        int | None, _opt("thi_queue", "THI searches that may wait; beyond: RESOURCE_EXHAUSTED.")
+    ] = None,
+    max_in_flight: Annotated[
+        int | None, _opt("max_in_flight", "Other PersonSearch calls served at once (streams too).")
+    ] = None,
+    queue: Annotated[
+        int | None, _opt("queue", "Other calls that may wait; beyond: RESOURCE_EXHAUSTED.")
+    ] = None,
+    queue_wait_s: Annotated[
+        float | None, _opt("queue_wait_s", "Longest wait for a slot before RESOURCE_EXHAUSTED.")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run the PersonSearch gRPC service against a running Triton and Milvus."""
-    from icl.orchestrator.auth import TokensFileError, TokenTable
-    from icl.orchestrator.logs import LOG_FORMATS
+    """Run the PersonSearch gRPC service against a running Triton and Milvus.
+
+    Settings: defaults < --config file < environment (ICL_NAME) < options (docs/operations.md).
+    """
+    options = dict(locals())  # the parameters, before any other local exists
+
+    given = {
+        name: value
+        for name, value in options.items()
+        if name in ServeSettings.model_fields and name != "verbose" and value is not None
+    }
+    if verbose:  # a flag: only its presence overrides ICL_VERBOSE and the file
+        given["verbose"] = True
+    try:
+        settings = ServeSettings.load(config, **given)
+    except SettingsProblem as exc:
+        raise fail(escape("invalid settings: " + "; ".join(exc.problems))) from None
+    if print_config:
+        console.print(settings.render(), highlight=False, markup=False, soft_wrap=True)
+        return
+
+    from icl.orchestrator.auth import TokensFileError
     from icl.orchestrator.server import Orchestrator, OrchestratorConfig
 
-    if log_format not in LOG_FORMATS:
-        raise fail(f"--log-format is {' | '.join(LOG_FORMATS)}, not {log_format!r}")
-    setup_logging(verbose, log_format)
-    if thi_schedule not in ("lean", "reference") or thi_walk not in ("lazy", "batched"):
-        raise fail("--thi-schedule is lean|reference and --thi-walk is lazy|batched")
-    if tls_client_ca is not None and tls_cert is None:
-        raise fail("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    setup_logging(settings.verbose, settings.log_format)
     try:
-        tokens = TokenTable.load(tokens_file) if tokens_file is not None else None
+        config_ = OrchestratorConfig.from_settings(settings)
     except TokensFileError as exc:
         raise fail(str(exc)) from None
-    config = OrchestratorConfig(
-        triton_url,
-        milvus_uri,
-        milvus_token,
-        collection,
-        host,
-        port,
-        triton_ready_timeout_s=triton_wait,
-        mllm_model=mllm_model,
-        crop_dir=crop_dir,
-        mllm_timeout_s=mllm_timeout,
-        thi_schedule=thi_schedule,
-        thi_walk=thi_walk,
-        search_ef=search_ef,
-        filtered_search_ef=filtered_search_ef,
-        health_poll_s=health_poll_s,
-        grace_s=grace_s,
-        tls_cert=str(tls_cert or ""),
-        tls_key=str(tls_key or ""),
-        tls_client_ca=str(tls_client_ca or ""),
-        tokens=tokens,
-        metrics_port=metrics_port,
-    )
     try:
-        config.server_credentials()  # unreadable or unpaired PEM files fail here, not later
+        config_.server_credentials()  # unreadable or unmatched PEM files fail here, not later
     except (OSError, ValueError) as exc:
         raise fail(f"TLS: {exc}") from None
+    log_format_ = settings.log_format
 
     async def run() -> None:
-        orchestrator = Orchestrator(config)
+        orchestrator = Orchestrator(config_)
         stop = asyncio.Event()
         install_stop_signals(stop)
         await start_or_fail(orchestrator)
-        if log_format == "json":  # stdout too stays one JSON object per line
+        if log_format_ == "json":  # stdout too stays one JSON object per line
             logging.getLogger("icl.cli").info("PersonSearch serving on %s", orchestrator.address)
         else:
             console.print(f"PersonSearch serving on {orchestrator.address}", highlight=False)

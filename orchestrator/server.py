@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,8 +37,10 @@ from icl.orchestrator.gallery import (
     is_local_uri,
 )
 from icl.orchestrator.handlers import wrap_handler
+from icl.orchestrator.limits import AdmissionControl
 from icl.orchestrator.metrics import ObservedCalls, ServiceMetrics, TimedMllm
 from icl.orchestrator.reflection import enable_reflection
+from icl.orchestrator.settings import ConcurrencyLimits, ServeSettings
 from icl.orchestrator.thi_search import ThiSearchResult, thi_search
 from icl.orchestrator.triton.encoders import EncoderUnavailable, TritonEncoders
 from icl.ports import (
@@ -106,6 +108,36 @@ class OrchestratorConfig:
     tokens: TokenTable | None = None
     # Prometheus metrics over HTTP on this port of `host` (0: not served).
     metrics_port: int = 0
+    # Calls at once and waiting, THI searches apart (orchestrator/limits.py).
+    concurrency: ConcurrencyLimits = field(default_factory=ConcurrencyLimits)
+
+    @classmethod
+    def from_settings(cls, s: ServeSettings) -> OrchestratorConfig:
+        """The config of validated settings; reads the tokens file (TokensFileError)."""
+        return cls(
+            s.triton_url,
+            s.milvus_uri,
+            s.milvus_token.get_secret_value(),
+            s.collection,
+            s.host,
+            s.port,
+            triton_ready_timeout_s=s.triton_wait,
+            mllm_model=s.mllm_model,
+            crop_dir=s.crop_dir,
+            mllm_timeout_s=s.mllm_timeout,
+            thi_schedule=s.thi_schedule,
+            thi_walk=s.thi_walk,
+            search_ef=s.search_ef,
+            filtered_search_ef=s.filtered_search_ef,
+            health_poll_s=s.health_poll_s,
+            grace_s=s.grace_s,
+            tls_cert=str(s.tls_cert or ""),
+            tls_key=str(s.tls_key or ""),
+            tls_client_ca=str(s.tls_client_ca or ""),
+            tokens=TokenTable.load(s.tokens_file) if s.tokens_file is not None else None,
+            metrics_port=s.metrics_port,
+            concurrency=s.concurrency,
+        )
 
     def __repr__(self) -> str:  # keep the tokens out of every log line and traceback
         tls = "mutual" if self.tls_client_ca else "on" if self.tls_cert else "off"
@@ -870,10 +902,13 @@ class Orchestrator:
             self._stop_metrics = self.metrics.serve(cfg.host, cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", cfg.host, cfg.metrics_port)
         # Observed first (every call is counted and gets its request id, refused ones too),
-        # then authentication (a refused call never counts as in flight), then draining.
+        # then authentication (a refused call never counts as in flight), then draining, then
+        # admission (RESOURCE_EXHAUSTED beyond the concurrency limits): a call waiting for a
+        # slot when SIGTERM comes is drained like one being served.
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ObservedCalls(self.metrics, SERVICE_NAME),
             self._calls,
+            AdmissionControl(cfg.concurrency, SERVICE_NAME, self.metrics.registry),
         ]
         if cfg.tokens:
             interceptors.insert(1, TokenAuth(cfg.tokens, SERVICE_NAME))

@@ -89,6 +89,9 @@ class TritonServer(SupervisedServer):
     grpc_port: int = 0
     http_port: int = 0
     startup_timeout_s: float = 120.0
+    # Triton's own Prometheus metrics (nv_inference_count, queue and compute times per model)
+    # at http://127.0.0.1:PORT/metrics; None: off. 0: a free port.
+    metrics_port: int | None = None
     shm_prefix: str = field(default_factory=lambda: f"icl_{uuid.uuid4().hex[:12]}_")
     _supervisor: ProcessSupervisor | None = field(default=None, init=False, repr=False)
 
@@ -99,6 +102,24 @@ class TritonServer(SupervisedServer):
     @property
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return (
+            None if self.metrics_port is None else f"http://127.0.0.1:{self.metrics_port}/metrics"
+        )
+
+    def _metrics_flags(self) -> list[str]:
+        if self.metrics_port is None:
+            return ["--allow-metrics=false"]
+        # CPU only here: no GPU (DCGM) metrics; per-model inference and CPU metrics on loopback.
+        return [
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=true",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.metrics_port}",
+        ]
 
     def command(self) -> list[str]:
         backends = ensure_python_backend()
@@ -111,7 +132,7 @@ class TritonServer(SupervisedServer):
             f"--http-port={self.http_port}",
             "--grpc-address=127.0.0.1",
             f"--grpc-port={self.grpc_port}",
-            "--allow-metrics=false",
+            *self._metrics_flags(),
             "--pinned-memory-pool-byte-size=0",
             "--exit-timeout-secs=5",
             "--strict-readiness=true",
@@ -123,6 +144,8 @@ class TritonServer(SupervisedServer):
             raise TritonLaunchError(f"{self.model_repository} holds no text_encoder model")
         self.grpc_port = self.grpc_port or free_port()
         self.http_port = self.http_port or free_port()
+        if self.metrics_port == 0:
+            self.metrics_port = free_port()
         self._supervisor = ProcessSupervisor(
             "tritonserver",
             self.command(),

@@ -13,22 +13,25 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+# The numbers live with the other limits (orchestrator/limits.py, docs/operations.md);
+# re-exported here for the callers that read them as validation.MAX_...
+from icl.orchestrator.limits import MAX_CAMERA_IDS as MAX_CAMERA_IDS
+from icl.orchestrator.limits import MAX_IDS_PER_DELETE as MAX_IDS_PER_DELETE
+from icl.orchestrator.limits import MAX_IMAGES_PER_BATCH as MAX_IMAGES_PER_BATCH
+from icl.orchestrator.limits import MAX_PAGE_SIZE as MAX_PAGE_SIZE
+from icl.orchestrator.limits import MAX_TEXT_BYTES as MAX_TEXT_BYTES
+from icl.orchestrator.limits import MAX_THI_CANDIDATES as MAX_THI_CANDIDATES
+from icl.orchestrator.limits import MAX_TOP_K as MAX_TOP_K
+from icl.orchestrator.limits import MAX_URI_CHARS as MAX_URI_CHARS
 from icl.ports import GalleryFilter
 from icl_api import pb
 
-MAX_TEXT_BYTES = 4096  # far above any benchmark caption (UFine6926 averages ~80 words)
-MAX_TOP_K = 1000
-MAX_CAMERA_IDS = 256
-MAX_IDS_PER_DELETE = 10_000
-MAX_IMAGES_PER_BATCH = 256
 # Query by example with text: the crop's weight in normalise(w * image + (1 - w) * text).
 DEFAULT_IMAGE_WEIGHT = 0.5
-MAX_PAGE_SIZE = 1000  # ListImages
 # Ids end up inside Milvus filter expressions: allow no quote, backslash, space or bracket.
 CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
 TRACK_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.:-]{0,63})?")
-MAX_URI_CHARS = 1024
 # google.protobuf.Timestamp's valid range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z, nanos
 # 0..999,999,999): the wire carries any int64/int32, and protobuf's converters raise on the rest.
 TIMESTAMP_SECONDS_MIN = -62_135_596_800
@@ -127,6 +130,10 @@ def check_search(req: pb.SearchRequest) -> SearchQuery:
         raise _bad(f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}")
     if not 1 <= req.top_k <= MAX_TOP_K:
         raise _bad(f"top_k must be between 1 and {MAX_TOP_K}, got {req.top_k}")
+    if req.thi.HasField("candidates") and not 1 <= req.thi.candidates <= MAX_THI_CANDIDATES:
+        raise _bad(
+            f"thi.candidates must be between 1 and {MAX_THI_CANDIDATES}, got {req.thi.candidates}"
+        )
     weight = DEFAULT_IMAGE_WEIGHT
     if req.HasField("image_weight"):
         weight = check_unit_interval(req.image_weight, "image_weight")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from icl.export.repository import write_gpu_repository
-from icl.orchestrator.tritonserver import TritonLaunchError
+from icl.orchestrator.triton.encoders import TritonEncoders
+from icl.orchestrator.tritonserver import TritonLaunchError, free_port
 from tests.helpers import group_members, proc_state, start_triton, wait_until
 
 
@@ -182,3 +185,61 @@ def _pgid_of_child(ppid: int) -> int:
         if int(fields[1]) == ppid:
             return int(fields[2])
     raise AssertionError(f"process {ppid} has no child")
+
+
+def _inference_count(metrics_url: str, model: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith("nv_inference_count{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no nv_inference_count for {model} in:\n{text[:2000]}")
+
+
+def test_icl_triton_serves_tritons_metrics_when_asked(model_repository, tmp_path):
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "icl.cli",
+            "triton",
+            "--model-repository",
+            str(model_repository),
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--log-file",
+            str(tmp_path / "server.log"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    async def encode(texts: list[str]) -> None:
+        encoders = TritonEncoders(f"127.0.0.1:{grpc_port}")
+        try:
+            await encoders.start(30)
+            for text in texts:
+                await encoders.encode_texts([text])
+        finally:
+            await encoders.close()
+
+    try:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        assert f"metrics {url}" in cli.stdout.readline()
+        before = _inference_count(url, "text_encoder")
+        asyncio.run(encode(["a man in a red jacket", "a woman with a backpack", "a child"]))
+        # Triton counts a request once its statistics are written: poll briefly.
+        assert wait_until(lambda: _inference_count(url, "text_encoder") == before + 3, 5)
+    finally:
+        cli.send_signal(signal.SIGTERM)
+        try:
+            cli.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 0, cli.stderr.read()
