@@ -355,3 +355,9 @@ def test_browser_runs_a_thi_search_and_shows_the_sightings(console_url, tmp_path
     finally:
         driver.quit()
     assert (shots / "console-search-thi.png").stat().st_size > 10_000
+
+
+def test_bad_settings_are_a_message(monkeypatch, tmp_path) -> None:
+    at = _app(monkeypatch, "127.0.0.1:1", ICL_CA_FILE=str(tmp_path / "missing-ca.pem"))
+    message = _texts(at.error)
+    assert "The console's settings are not valid" in message and "ca_file" in message

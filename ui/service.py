@@ -39,7 +39,11 @@ class ServiceError(Exception):
 
 def settings() -> ConsoleSettings:
     if "settings" not in st.session_state:
-        st.session_state.settings = ConsoleSettings.from_env()
+        try:
+            st.session_state.settings = ConsoleSettings.from_env()
+        except ValueError as exc:  # SettingsProblem: every problem, each naming its setting
+            st.error(f"The console's settings are not valid: {exc}", icon=":material/error:")
+            st.stop()
     settings: ConsoleSettings = st.session_state.settings
     return settings
 
@@ -47,7 +51,10 @@ def settings() -> ConsoleSettings:
 @st.cache_resource(show_spinner=False)
 def _client(settings: ConsoleSettings) -> PersonSearchClient:
     return PersonSearchClient(
-        settings.address, tls=settings.tls(), token=settings.token, timeout_s=settings.timeout_s
+        settings.address,
+        tls=settings.tls_options(),
+        token=settings.token,
+        timeout_s=settings.timeout_s,
     )
 
 

@@ -1,5 +1,7 @@
-"""Where the console finds the service: address, token and TLS files, from the environment
-that `icl console` (or the operator) sets."""
+"""Where the console finds the service: the shared client settings (ICL_ADDRESS, ICL_TOKEN,
+ICL_TLS, ICL_CA_FILE, ICL_CERT_FILE, ICL_KEY_FILE, ICL_TIMEOUT or the `[client]` table of
+ICL_CONFIG; `icl.orchestrator.settings.ClientSettings`), plus ICL_METRICS_URL for the Status
+page. `icl console` passes its options through that environment."""
 
 from __future__ import annotations
 
@@ -7,48 +9,47 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from icl.orchestrator.settings import ClientSettings
 from icl_api.client import DEFAULT_ADDRESS, TlsOptions
 
 
 @dataclass(frozen=True)
 class ConsoleSettings:
+    """A frozen copy of the client settings: hashable, so it keys the cached client."""
+
     address: str = DEFAULT_ADDRESS
     token: str | None = None
+    tls: bool = False
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
-    server_name: str | None = None
     metrics_url: str | None = None  # the service's /metrics, for the Status page
     timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> ConsoleSettings:
-        env = os.environ
-        token = env.get("ICL_TOKEN") or None
-        token_file = env.get("ICL_TOKEN_FILE")
-        if token is None and token_file:
-            token = Path(token_file).read_text(encoding="utf-8").strip() or None
+        config = os.environ.get("ICL_CONFIG")
+        client = ClientSettings.load(Path(config) if config else None)
         return cls(
-            address=env.get("ICL_ADDRESS", DEFAULT_ADDRESS),
-            token=token,
-            ca_file=env.get("ICL_CA_FILE") or None,
-            cert_file=env.get("ICL_CERT_FILE") or None,
-            key_file=env.get("ICL_KEY_FILE") or None,
-            server_name=env.get("ICL_SERVER_NAME") or None,
-            metrics_url=env.get("ICL_METRICS_URL") or None,
-            timeout_s=float(env.get("ICL_TIMEOUT_S", "30")),
+            address=client.address,
+            token=client.token.get_secret_value() or None,
+            tls=client.uses_tls,
+            ca_file=str(client.ca_file) if client.ca_file else None,
+            cert_file=str(client.cert_file) if client.cert_file else None,
+            key_file=str(client.key_file) if client.key_file else None,
+            metrics_url=os.environ.get("ICL_METRICS_URL") or None,
+            timeout_s=client.timeout,
         )
 
-    def tls(self) -> TlsOptions | None:
-        if not self.ca_file:
+    def tls_options(self) -> TlsOptions | None:
+        if not self.tls:
             return None
         return TlsOptions(
-            ca_file=Path(self.ca_file),
+            ca_file=Path(self.ca_file) if self.ca_file else None,
             cert_file=Path(self.cert_file) if self.cert_file else None,
             key_file=Path(self.key_file) if self.key_file else None,
-            server_name=self.server_name,
         )
 
     def __repr__(self) -> str:  # never show the token
         token = "***" if self.token else None
-        return f"ConsoleSettings(address={self.address!r}, token={token}, tls={bool(self.ca_file)})"
+        return f"ConsoleSettings(address={self.address!r}, token={token}, tls={self.tls})"

@@ -17,6 +17,7 @@ st.title("Gallery")
 browse, enrol, remove = st.tabs(["Browse", "Enrol crops", "Delete"])
 
 with browse:
+    stats: pb.GalleryStats | None
     try:
         stats = service.call(service.client().gallery_stats)
     except service.ServiceError as error:

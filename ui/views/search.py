@@ -101,7 +101,7 @@ def _run(request: pb.SearchRequest, results: Any, steps: StepsView | None) -> di
             return {"request": request, "response": response, "base": list(response.hits)}
         assert steps is not None
         base: list[Any] = []
-        response = None
+        result: pb.SearchResponse | None = None
         anchor = ""
         for event in client.search_stream(request):
             kind = event.WhichOneof("event")
@@ -120,18 +120,18 @@ def _run(request: pb.SearchRequest, results: Any, steps: StepsView | None) -> di
             elif kind == "refined_query":
                 steps.refined(event.refined_query.text)
             elif kind == "result":
-                response = event.result
-                steps.finish(response.thi_trace)
+                result = event.result
+                steps.finish(result.thi_trace)
     except service.ServiceError as error:
         service.show_error(error)
         return None
     except grpc.RpcError as exc:  # the stream failed, before its first event or mid-way
         service.show_error(service.explain(exc))
         return None
-    if response is None:
+    if result is None:
         st.error("The service ended the search without a result.")
         return None
-    return {"request": request, "response": response, "base": base}
+    return {"request": request, "response": result, "base": base}
 
 
 def _actions(hit: Any, rank: int) -> None:
