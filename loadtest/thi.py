@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import random
 import time
 import uuid
@@ -30,8 +31,8 @@ grpc_gevent.init_gevent()
 
 import grpc  # noqa: E402
 from locust import LoadTestShape, User, events  # noqa: E402
-from locust.exception import StopUser  # noqa: E402
 
+from icl.orchestrator.settings import ClientSettings  # noqa: E402
 from icl_api import pb, pb_grpc  # noqa: E402
 from icl_api.client import (  # noqa: E402
     DEFAULT_ADDRESS,
@@ -70,7 +71,7 @@ def _arguments(parser: Any) -> None:
         action="store_true",
         help=f"keep the crops Enroll tasks stored (camera {LOADTEST_CAMERA!r}); default deletes",
     )
-    group.add_argument("--icl-token", default="", is_secret=True, env_var="ICL_TOKEN")
+    group.add_argument("--icl-token", default="", is_secret=True, help="or ICL_TOKEN")
     group.add_argument("--icl-token-file", default="", help="file holding the bearer token")
     group.add_argument("--icl-ca-file", default="", help="CA bundle: turns TLS on")
     group.add_argument("--icl-cert-file", default="", help="client certificate (mutual TLS)")
@@ -276,8 +277,6 @@ class PersonSearchUser(User):
         self._call(self.stub.Search, self._thi_request())
 
     def thi_stream(self) -> None:
-        if not hasattr(self.stub, "SearchStream"):
-            raise StopUser()  # an older service without it: never happens with this API
         try:
             for _ in self.stub.SearchStream(self._thi_request(), timeout=self.timeout_s):
                 pass
@@ -320,6 +319,20 @@ def _configure(environment: Any, **_: Any) -> None:
     # Read once at start, so a bad file or token stops the run with one line.
     PersonSearchUser.queries = _queries(options.icl_queries)
     _token(options)
+    # Whatever the command line leaves open comes from the shared client settings (ICL_ADDRESS,
+    # ICL_TOKEN, ICL_CA_FILE, ... or the [client] table of ICL_CONFIG), as for the console.
+    try:
+        config = os.environ.get("ICL_CONFIG")
+        client = ClientSettings.load(Path(config) if config else None)
+    except ValueError as exc:
+        raise SystemExit(f"client settings: {exc}") from None
+    PersonSearchUser.host = client.address
+    if not (options.icl_token or options.icl_token_file):
+        options.icl_token = client.token.get_secret_value()
+    if not options.icl_ca_file and client.ca_file:
+        options.icl_ca_file = str(client.ca_file)
+        options.icl_cert_file = options.icl_cert_file or str(client.cert_file or "")
+        options.icl_key_file = options.icl_key_file or str(client.key_file or "")
     PersonSearchUser.tasks = list(
         itertools.chain.from_iterable([task] * weight for task, weight in weights.items())
     )

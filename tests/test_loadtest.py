@@ -6,6 +6,7 @@ was written, and the crops the Enroll tasks stored were deleted at the end."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,11 @@ def test_queries_file_is_current() -> None:
     assert [q for q in lines if not q.startswith("#")] == demo_queries(seed=0, count=100)
 
 
-def _locust(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _locust(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **env}
+    )
 
 
 def test_locust_headless_against_the_service(triton, tmp_path: Path) -> None:
@@ -43,8 +46,6 @@ def test_locust_headless_against_the_service(triton, tmp_path: Path) -> None:
             enroll_all(stub, gallery_images(demo_gallery(N_IMAGES)), batch_size=10)
             result = _locust(
                 "--headless",
-                "--host",
-                running.address,
                 "-u",
                 "4",
                 "-r",
@@ -61,13 +62,18 @@ def test_locust_headless_against_the_service(triton, tmp_path: Path) -> None:
                 "2",
                 "--icl-thi-weight",
                 "2",
+                "--icl-stream-weight",
+                "2",
                 "--icl-enroll-weight",
                 "2",
+                # No --host: the address comes from the shared client settings.
+                ICL_ADDRESS=running.address,
             )
             assert result.returncode == 0, result.stderr[-3000:]
             with open(tmp_path / "run_stats.csv", newline="") as f:
                 rows = {row["Name"]: row for row in csv.DictReader(f)}
-            for name in ("Search [plain]", "Search [filtered]", "Search [thi]", "Enroll"):
+            names = ("Search [plain]", "Search [filtered]", "Search [thi]", "SearchStream [thi]")
+            for name in (*names, "Enroll"):
                 assert int(rows[name]["Request Count"]) > 0, (name, rows.keys())
             assert int(rows["Aggregated"]["Failure Count"]) == 0
             assert int(rows["Aggregated"]["Request Count"]) >= 20
