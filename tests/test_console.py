@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from datetime import time as dtime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -311,9 +312,12 @@ def console_url(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     not (CHROMIUM and CHROMEDRIVER),
     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
 )
-def test_browser_runs_a_thi_search_and_shows_the_sightings(console_url, tmp_path) -> None:
+def test_browser_runs_a_thi_search_confirms_an_anchor_and_shows_the_sightings(
+    console_url, tmp_path
+) -> None:
     """Headless Chromium (Debian's, driven by selenium through Debian's chromedriver) loads the
-    console, runs a THI search and opens the sightings timeline. Screenshots go to tmp_path, or
+    console, runs a THI search, confirms a result as the person and opens the sightings
+    timeline. Screenshots go to tmp_path, or
     to $ICL_SCREENSHOTS when set (the README's pictures are made that way)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -348,9 +352,32 @@ def test_browser_runs_a_thi_search_and_shows_the_sightings(console_url, tmp_path
         assert "Candidates checked" in page
         driver.save_screenshot(str(shots / "console-search-thi.png"))
 
+        # The operator confirms the third result as the person: THI runs from it.
+        def confirm_buttons(driver: Any) -> list[Any]:
+            # Streamlit swaps the streamed base grid for the final one: wait for the 10 buttons.
+            found = driver.find_elements(By.CSS_SELECTOR, "[class*='st-key-confirm-'] button")
+            shown = [b for b in found if b.is_displayed()]
+            return shown if len(shown) == 10 else []
+
+        confirm = wait.until(confirm_buttons)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", confirm[2])
+        confirm[2].click()
+        wait.until(
+            ec.presence_of_element_located(
+                (By.XPATH, "//*[contains(text(), 'confirmed by the operator')]")
+            )
+        )
+        wait.until(
+            ec.presence_of_element_located(
+                (By.XPATH, "//*[contains(text(), 'The ranking before the confirmation')]")
+            )
+        )
+        driver.save_screenshot(str(shots / "console-confirmed.png"))
+
         driver.find_element(By.XPATH, "//a[contains(., 'Sightings')]").click()
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".vega-embed")))
-        assert "Sightings" in driver.find_element(By.TAG_NAME, "body").text
+        page = driver.find_element(By.TAG_NAME, "body").text
+        assert "The person confirmed as" in page
         driver.save_screenshot(str(shots / "console-sightings.png"))
     finally:
         driver.quit()

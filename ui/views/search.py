@@ -135,17 +135,18 @@ def _run(request: pb.SearchRequest, results: Any, steps: StepsView | None) -> di
 
 
 def _actions(hit: Any, rank: int) -> None:
-    one, two = st.columns(2)
-    one.button(
+    st.button(
         "This is the person",
         key=f"confirm-{hit.image_id}",
         on_click=lambda: st.session_state.update(action=("confirm", hit.image_id)),
         help="THI from this crop: the MLLM describes it and the query is refined from it.",
+        width="stretch",
     )
-    two.button(
+    st.button(
         "Search with this crop",
         key=f"example-{hit.image_id}",
         on_click=lambda: st.session_state.update(action=("example", hit.image_id)),
+        width="stretch",
     )
 
 
