@@ -25,13 +25,18 @@ def triton(
     / "model_repository",
     grpc_port: Annotated[int, typer.Option(help="0: a free port.")] = 8001,
     http_port: Annotated[int, typer.Option(help="0: a free port.")] = 8000,
+    host: Annotated[
+        str, typer.Option(help="Address to bind (0.0.0.0 only inside a container or behind TLS).")
+    ] = "127.0.0.1",
     log_file: Annotated[Path, typer.Option(help="Where the server log goes.")] = WORKDIR
     / "tritonserver.log",
 ) -> None:
-    """Run the bundled tritonserver (CPU, python backend) on loopback until stopped."""
+    """Run the bundled tritonserver (CPU, python backend) until stopped (loopback by default)."""
     from icl.orchestrator.tritonserver import TritonLaunchError, TritonServer
 
-    server = TritonServer(model_repository, log_file, grpc_port=grpc_port, http_port=http_port)
+    server = TritonServer(
+        model_repository, log_file, grpc_port=grpc_port, http_port=http_port, host=host
+    )
     try:
         server.start()
     except TritonLaunchError as exc:
@@ -82,6 +87,14 @@ def serve(
     mllm_model: Annotated[
         str,
         typer.Option(envvar="ICL_MLLM_MODEL", help="Triton model for THI ('' = THI off)."),
+    ] = "",
+    mllm_url: Annotated[
+        str,
+        typer.Option(
+            envvar="ICL_MLLM_URL",
+            help="Triton gRPC address of the MLLM when it runs in its own Triton ('' = "
+            "--triton-url).",
+        ),
     ] = "",
     crop_dir: Annotated[
         str,
@@ -210,6 +223,7 @@ def serve(
         port,
         triton_ready_timeout_s=triton_wait,
         mllm_model=mllm_model,
+        mllm_url=mllm_url,
         crop_dir=crop_dir,
         mllm_timeout_s=mllm_timeout,
         thi_schedule=thi_schedule,

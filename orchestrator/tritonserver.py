@@ -89,6 +89,8 @@ class TritonServer(SupervisedServer):
     grpc_port: int = 0
     http_port: int = 0
     startup_timeout_s: float = 120.0
+    # Address the server binds (loopback by default; 0.0.0.0 inside a container).
+    host: str = "127.0.0.1"
     shm_prefix: str = field(default_factory=lambda: f"icl_{uuid.uuid4().hex[:12]}_")
     _supervisor: ProcessSupervisor | None = field(default=None, init=False, repr=False)
 
@@ -107,9 +109,9 @@ class TritonServer(SupervisedServer):
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backends}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            "--http-address=127.0.0.1",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
-            "--grpc-address=127.0.0.1",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             "--allow-metrics=false",
             "--pinned-memory-pool-byte-size=0",
