@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from icl.orchestrator.tritonserver import free_port
 from icl.synthetic.demo_gallery import demo_gallery, demo_queries
 from icl_api import pb, pb_grpc
 from icl_api.client import search_request
-from tests.helpers import enroll_all, gallery_images, start_orchestrator
+from tests.helpers import enroll_all, gallery_images, start_orchestrator, start_triton
 
 ICL = [sys.executable, "-m", "icl.cli"]
 
@@ -151,3 +152,42 @@ def test_bad_mllm_choices_fail_clearly(tmp_path: Path, args: list[str], message:
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error:") and message in proc.stderr
+
+
+def test_the_mllm_can_live_in_its_own_triton(tmp_path: Path) -> None:
+    """The GPU layout on CPU: `--mllm-out` puts the MLLM in its own repository, served by a
+    second tritonserver; `icl serve --mllm-url` reaches it while the encoders' Triton has no
+    `mllm` at all."""
+    encoders, mllm_repo = tmp_path / "encoders", tmp_path / "mllm"
+    proc = subprocess.run(
+        [*ICL, "export", "--out", str(encoders), "--mllm", "demo", "--mllm-out", str(mllm_repo)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not (encoders / "mllm").exists() and (mllm_repo / "mllm" / "config.pbtxt").is_file()
+    shutil.copytree(encoders / "text_encoder", mllm_repo / "text_encoder")  # launcher's rule
+    enc_server = start_triton(encoders, tmp_path / "enc.log")
+    mllm_server = start_triton(mllm_repo, tmp_path / "mllm.log")
+    service = None
+    try:
+        service = start_orchestrator(
+            enc_server.grpc_url,
+            tmp_path / "gallery.db",
+            tmp_path / "serve.log",
+            args=["--mllm-model", "mllm", "--mllm-url", mllm_server.grpc_url],
+        )
+        demo = list(demo_gallery(12, seed=4))
+        with service.channel() as channel:
+            stub = pb_grpc.PersonSearchStub(channel)
+            enroll_all(stub, gallery_images(demo))
+            request = search_request(demo_queries(seed=4, count=1)[0], top_k=5)
+            request.thi.enabled = True
+            reply = stub.Search(request, timeout=120)
+        assert reply.thi_trace.mllm_calls >= 1
+    finally:
+        if service is not None:
+            service.stop()
+        mllm_server.stop()
+        enc_server.stop()
