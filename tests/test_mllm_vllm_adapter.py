@@ -146,6 +146,30 @@ def test_few_logprobs_follow_the_bound_when_an_answer_word_is_not_listed(
     assert any(abs(s - e) > 1e-3 for s, e, o in zip(served, exact, one_word, strict=True) if o)
 
 
+def test_score_pairs_are_in_flight_together(
+    tiny_dir: Path, model_repository: Path, tmp_path: Path
+) -> None:
+    """vLLM batches what it has in flight: the adapter must not send the pairs one after
+    another. Three stand-in instances log when each request runs; with the pairs all in
+    flight, three start before the first one ends."""
+    repo = standin_repository(tmp_path / "repo", tiny_dir, model_repository / "text_encoder", 20)
+    timeline = tmp_path / "timeline.jsonl"
+    config = repo / "mllm_vllm" / "config.pbtxt"
+    config.write_text(
+        config.read_text().replace("count: 1", "count: 3")
+        + f'parameters {{ key: "timeline" value {{ string_value: "{timeline}" }} }}\n'
+    )
+    running = start_triton(repo, tmp_path / "server.log")
+    try:
+        run(lambda c: c.score(crops() * 2, PROMPTS[:1]), running.grpc_url)
+    finally:
+        running.stop()
+    spans = sorted(json.loads(line) for line in timeline.read_text().splitlines())
+    assert len(spans) == 6
+    first_end = min(end for _, end in spans)
+    assert sum(start < first_end for start, _ in spans) == 3, spans
+
+
 def test_config_names_the_vllm_backends_tensors(tmp_path: Path, tiny_dir: Path) -> None:
     """Static: the written mllm_vllm config is the vLLM backend's (parsed with Triton's proto)."""
     write_vllm_adapter(tmp_path, "/models/Qwen2-VL-7B-Instruct")

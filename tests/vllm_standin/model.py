@@ -29,6 +29,7 @@ import base64
 import io
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +60,24 @@ class TritonPythonModel:
         self.max_logprobs = int(engine.get("max_logprobs", 20))
         self.llm = Qwen2VLBackend(engine["model"], image_pixels=int(pixels))
         self.tokenizer = self.llm.tokenizer
+        # Test hook: when the config names a file, each request's start and end times are
+        # appended to it (to see whether requests overlap).
+        config = json.loads(args["model_config"])
+        self.timeline = config.get("parameters", {}).get("timeline", {}).get("string_value")
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            start = time.monotonic()
             try:
                 self._run(request, sender)
             except Exception as exc:  # an error response, as the vLLM backend sends
                 sender.send(
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL
                 )
+            if self.timeline:
+                with open(self.timeline, "a") as f:
+                    f.write(json.dumps([start, time.monotonic()]) + "\n")
         return None
 
     def _run(self, request, sender):

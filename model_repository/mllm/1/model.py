@@ -27,6 +27,7 @@ to the vLLM model (option `vllm_model`, default "mllm_vllm") in the same server 
 import io
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +92,11 @@ def _image(data, i):
 class BlsVllmTransport:
     """`icl.mllm.vllm_adapter.VllmTransport` over BLS to Triton's vLLM backend (decoupled).
 
-    `submit` sends every request before reading any response (decoupled `exec` returns a
-    response iterator at once), so the engine sees them together and batches them."""
+    `submit` puts every request in flight at once, so the engine sees them together and
+    batches them."""
 
     OUTPUTS = ("text_output", "logprobs")
+    MAX_IN_FLIGHT = 64  # the most score pairs a request holds (max_images)
 
     def __init__(self, model_name):
         self.model_name = model_name
@@ -137,14 +139,21 @@ class BlsVllmTransport:
                 cancel()
 
     def submit(self, requests):
-        iterators = [
+        bls = [
             pb_utils.InferenceRequest(
                 model_name=self.model_name,
                 inputs=self._inputs(r),
                 requested_output_names=list(self.OUTPUTS),
-            ).exec(decoupled=True)
+            )
             for r in requests
         ]
+        if len(bls) == 1:
+            return [self._outputs(bls[0].exec(decoupled=True))]
+        # A decoupled exec() returns once the request's first response has arrived, so one
+        # caller would run the requests one after another; threads put them all in flight
+        # (what the python backend's async_exec does: exec in an executor).
+        with ThreadPoolExecutor(max_workers=min(len(bls), self.MAX_IN_FLIGHT)) as pool:
+            iterators = list(pool.map(lambda b: b.exec(decoupled=True), bls))
         return [self._outputs(it) for it in iterators]
 
 
