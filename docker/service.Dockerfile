@@ -22,7 +22,10 @@ COPY export ./export
 COPY model_repository ./model_repository
 # Every dependency is pinned in pyproject.toml; torch comes from PyTorch's CPU index (the
 # service and the CPU Triton never use CUDA, and PyPI's torch would pull CUDA wheels).
+# The python backend stub is copied into the installed tritonserver's backends/ on first use;
+# do it here, as root, since the runtime user cannot write site-packages.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu "./[serve]" \
+    && python -c "from icl.orchestrator.tritonserver import ensure_python_backend as e; e()" \
     && mkdir -p /var/lib/icl && chown icl:icl /var/lib/icl
 
 USER 10001:10001

@@ -119,6 +119,7 @@ class BlsVllmTransport:
     def _outputs(self, iterator):
         from icl.mllm.vllm_adapter import VllmOutput, parse_logprobs
 
+        done = False
         try:
             for response in iterator:
                 if response.has_error():
@@ -133,9 +134,10 @@ class BlsVllmTransport:
                     parse_logprobs(bytes(lp.as_numpy().reshape(-1)[0])) if lp is not None else None
                 )
                 yield VllmOutput(piece, logprobs)
+            done = True
         finally:  # abandoned (the client gave up): stop the engine's work where supported
             cancel = getattr(iterator, "cancel", None)
-            if cancel is not None:
+            if not done and cancel is not None:
                 cancel()
 
     def submit(self, requests):
