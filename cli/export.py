@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,6 +50,35 @@ def export(
             help="gpu: auto (build when trtexec exists), require (fail without it), skip."
         ),
     ] = "auto",
+    mllm: Annotated[
+        str,
+        typer.Option(
+            help="THI's MLLM model `mllm`: none, demo (the demo model, python backend), "
+            "qwen2vl (a Qwen2-VL directory on the python backend), vllm (Qwen2-VL on Triton's "
+            "vLLM backend behind the adapter: writes `mllm` and `mllm_vllm`)."
+        ),
+    ] = "none",
+    mllm_path: Annotated[
+        str,
+        typer.Option(
+            help="qwen2vl/vllm: the Qwen2-VL directory as the serving Triton sees it "
+            "(in compose: /models/Qwen2-VL-7B-Instruct)."
+        ),
+    ] = "",
+    mllm_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Repository for the MLLM models (default: --out; with vllm, the repository "
+            "of the vLLM Triton image)."
+        ),
+    ] = None,
+    mllm_options: Annotated[
+        str,
+        typer.Option(
+            help='JSON keyword options of the backend, e.g. \'{"device": "cuda"}\' (qwen2vl) '
+            "or '{\"image_pixels\": 50176}' (vllm)."
+        ),
+    ] = "{}",
 ) -> None:
     """Export a dual encoder to ONNX (parity-checked) and write a Triton model repository."""
     from icl.export.onnx_export import GraphContractError, ParityError
@@ -71,6 +101,7 @@ def export(
         raise fail(f"--flavour must be cpu or gpu, got {flavour!r}")
     if plans not in ("auto", "require", "skip"):
         raise fail(f"--plans must be auto, require or skip, got {plans!r}")
+    write_mllm = mllm_writer(mllm, mllm_path, mllm_options)
     try:
         if flavour == "gpu" and plans == "require":
             require_trtexec()  # before minutes of export, not after
@@ -99,6 +130,13 @@ def export(
             f"max |diff| {r.max_abs_diff:.1e}"
         )
     console.print(f"model repository written to {out}")
+    if write_mllm is not None:
+        try:
+            folders = write_mllm(mllm_out or out)
+        except (ValueError, OSError, TypeError) as exc:  # TypeError: an unknown option
+            raise fail(f"--mllm {mllm}: {exc}") from None
+        names = ", ".join(f.name for f in folders)
+        console.print(f"MLLM ({mllm}) written to {mllm_out or out}: {names}")
     if flavour == "gpu" and plans != "skip":
         if find_trtexec() is None:
             console.print(
@@ -114,6 +152,36 @@ def export(
         except PlanBuildError as exc:
             raise fail(str(exc)) from None
         console.print("TensorRT plans built")
+
+
+MLLM_CHOICES = ("none", "demo", "qwen2vl", "vllm")
+
+
+def mllm_writer(choice: str, path: str, options_json: str) -> Any:
+    """A function writing the chosen MLLM models into a repository (None for "none"); every
+    argument is checked here, before minutes of export."""
+    from icl.export.mllm_repository import write_mllm_model, write_vllm_adapter
+
+    if choice not in MLLM_CHOICES:
+        raise fail(f"--mllm must be one of {', '.join(MLLM_CHOICES)}, got {choice!r}")
+    try:
+        options = json.loads(options_json)
+    except json.JSONDecodeError as exc:
+        raise fail(f"--mllm-options is not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise fail("--mllm-options must be a JSON object")
+    if choice in ("qwen2vl", "vllm") and not path:
+        raise fail(f"--mllm {choice} needs --mllm-path (the Qwen2-VL directory)")
+    if choice == "none":
+        return None
+    if choice == "demo":
+        return lambda out: [write_mllm_model(out, "demo", None, options=options)]
+    if choice == "qwen2vl":
+        return lambda out: [write_mllm_model(out, "qwen2vl", path, options=options)]
+    known = {"image_pixels", "dtype", "instances", "logprobs", "engine"}
+    if set(options) - known:
+        raise fail(f"--mllm vllm takes options {sorted(known)}, not {sorted(set(options) - known)}")
+    return lambda out: write_vllm_adapter(out, path, **options)
 
 
 def register(app: typer.Typer) -> None:

@@ -27,6 +27,9 @@ def triton(
     / "model_repository",
     grpc_port: Annotated[int, typer.Option(help="0: a free port.")] = 8001,
     http_port: Annotated[int, typer.Option(help="0: a free port.")] = 8000,
+    host: Annotated[
+        str, typer.Option(help="Address to bind (0.0.0.0 only inside a container or behind TLS).")
+    ] = "127.0.0.1",
     log_file: Annotated[Path, typer.Option(help="Where the server log goes.")] = WORKDIR
     / "tritonserver.log",
     metrics_port: Annotated[
@@ -40,7 +43,7 @@ def triton(
         ),
     ] = None,
 ) -> None:
-    """Run the bundled tritonserver (CPU, python backend) on loopback until stopped."""
+    """Run the bundled tritonserver (CPU, python backend) until stopped (loopback by default)."""
     from icl.orchestrator.tritonserver import TritonLaunchError, TritonServer
 
     server = TritonServer(
@@ -49,6 +52,7 @@ def triton(
         grpc_port=grpc_port,
         http_port=http_port,
         metrics_port=metrics_port,
+        host=host,
     )
     try:
         server.start()
@@ -115,6 +119,13 @@ def serve(
     ] = None,
     mllm_model: Annotated[
         str | None, _opt("mllm_model", "Triton model for THI ('' = THI off).")
+    ] = None,
+    mllm_url: Annotated[
+        str | None,
+        _opt(
+            "mllm_url",
+            "Triton gRPC address of the MLLM when it runs in its own Triton ('' = --triton-url).",
+        ),
     ] = None,
     crop_dir: Annotated[
         str | None,

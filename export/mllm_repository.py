@@ -117,3 +117,97 @@ def write_mllm_model(
     (folder / "1" / "model.py").write_bytes(source.read_bytes())
     (folder / "config.pbtxt").write_text(config)
     return folder
+
+
+# Triton's vLLM backend (triton-inference-server/vllm_backend src/model.py auto-completes
+# these; they are written out so the contract is checked here rather than discovered on a GPU).
+VLLM_MODEL = "mllm_vllm"
+VLLM_INPUTS: tuple[tuple[str, int, list[int], bool], ...] = (
+    ("text_input", mc.TYPE_STRING, [1], False),
+    ("image", mc.TYPE_STRING, [-1], True),
+    ("stream", mc.TYPE_BOOL, [1], True),
+    ("sampling_parameters", mc.TYPE_STRING, [1], True),
+    ("exclude_input_in_output", mc.TYPE_BOOL, [1], True),
+    ("return_logprobs", mc.TYPE_BOOL, [1], True),
+)
+VLLM_OUTPUTS: tuple[tuple[str, int, list[int]], ...] = (
+    ("text_output", mc.TYPE_STRING, [-1]),
+    ("logprobs", mc.TYPE_STRING, [-1]),
+)
+
+
+def vllm_engine_args(
+    model_dir: str, *, image_pixels: int = 224 * 224, dtype: str = "bfloat16", **overrides: Any
+) -> dict[str, Any]:
+    """model.json: vLLM engine arguments for a Qwen2-VL directory (as mounted in the server).
+
+    The processor's pixel range is the adapter's budget, so the crops the adapter has already
+    fitted pass through vLLM's resize unchanged; `max_logprobs` covers the 20 the adapter asks.
+    """
+    args: dict[str, Any] = {
+        "model": model_dir,
+        "dtype": dtype,
+        "gpu_memory_utilization": 0.85,
+        "max_model_len": 4096,
+        "max_num_seqs": 64,
+        "limit_mm_per_prompt": {"image": 1},
+        "mm_processor_kwargs": {"min_pixels": 28 * 28, "max_pixels": image_pixels},
+        "max_logprobs": 20,
+        "enable_prefix_caching": True,
+    }
+    args.update(overrides)
+    return args
+
+
+def vllm_config(name: str = VLLM_MODEL, instances: int = 1) -> mc.ModelConfig:
+    return mc.ModelConfig(
+        name=name,
+        backend="vllm",
+        max_batch_size=0,  # the engine batches
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+        input=[
+            mc.ModelInput(name=n, data_type=t, dims=d, optional=o) for n, t, d, o in VLLM_INPUTS
+        ],
+        output=[mc.ModelOutput(name=n, data_type=t, dims=d) for n, t, d in VLLM_OUTPUTS],
+        instance_group=[
+            mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.Kind.KIND_MODEL, count=instances)
+        ],
+    )
+
+
+def write_vllm_model(out: Path, model_dir: str, *, name: str = VLLM_MODEL, **engine: Any) -> Path:
+    """Write `out/<name>/` (config.pbtxt, 1/model.json) for Triton's vLLM backend."""
+    folder = Path(out) / name
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "1").mkdir(parents=True)
+    config = text_format.MessageToString(vllm_config(name), use_short_repeated_primitives=True)
+    (folder / "config.pbtxt").write_text(config)
+    args = vllm_engine_args(model_dir, **engine)
+    (folder / "1" / "model.json").write_text(json.dumps(args, indent=2) + "\n")
+    return folder
+
+
+def write_vllm_adapter(
+    out: Path,
+    model_dir: str,
+    *,
+    image_pixels: int = 224 * 224,
+    dtype: str = "bfloat16",
+    instances: int = 1,
+    logprobs: int = 20,
+    engine: dict[str, Any] | None = None,
+) -> list[Path]:
+    """The GPU MLLM pair: `mllm` (python backend, the contract, backend "vllm") in front of
+    `mllm_vllm` (Triton's vLLM backend), both reading the same model directory. `logprobs`:
+    how many top log-probabilities a yes/no answer returns (the engine's max_logprobs
+    follows)."""
+    options = {
+        "image_pixels": image_pixels,
+        "dtype": dtype,
+        "logprobs": logprobs,
+        "vllm_model": VLLM_MODEL,
+    }
+    front = write_mllm_model(out, "vllm", model_dir, instances=instances, options=options)
+    engine = {"max_logprobs": max(20, logprobs), **(engine or {})}
+    back = write_vllm_model(out, model_dir, image_pixels=image_pixels, dtype=dtype, **engine)
+    return [front, back]

@@ -83,6 +83,9 @@ class OrchestratorConfig:
     # where enrolled crops are kept for it ("" = `crops/` next to a Lite data dir, else
     # `.icl/crops`), and how long one search may wait for the MLLM before it degrades.
     mllm_model: str = ""
+    # The Triton serving `mllm_model` when it is not `triton_url` (a GPU deployment runs the
+    # MLLM in its own Triton, the vLLM image); "" = triton_url.
+    mllm_url: str = ""
     crop_dir: str = ""
     mllm_timeout_s: float = 20.0
     # How THI asks the MLLM (icl.thi.engine): the lean lazy walk by default; "reference"
@@ -123,6 +126,7 @@ class OrchestratorConfig:
             s.port,
             triton_ready_timeout_s=s.triton_wait,
             mllm_model=s.mllm_model,
+            mllm_url=s.mllm_url,
             crop_dir=s.crop_dir,
             mllm_timeout_s=s.mllm_timeout,
             thi_schedule=s.thi_schedule,
@@ -884,7 +888,9 @@ class Orchestrator:
 
             # Each search bounds its own wait (mllm_timeout_s); the client's timeout only
             # catches a wedged connection.
-            mllm = TritonMllm(cfg.triton_url, cfg.mllm_model, timeout_s=cfg.triton_timeout_s)
+            mllm = TritonMllm(
+                cfg.mllm_url or cfg.triton_url, cfg.mllm_model, timeout_s=cfg.triton_timeout_s
+            )
             await mllm.start(cfg.triton_ready_timeout_s)
             self._mllm = mllm
         self._service = PersonSearchService(

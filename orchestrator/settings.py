@@ -196,6 +196,9 @@ class ServeSettings(_LayeredSettings):
     port: int = Field(50051, ge=0, le=65535, description="0: a free port.")
     triton_wait: float = Field(60.0, gt=0, description="Seconds to wait for Triton at start.")
     mllm_model: str = Field("", description="Triton model for THI ('' = THI off).")
+    mllm_url: str = Field(
+        "", description="Triton of the MLLM when it runs in its own ('' = triton_url)."
+    )
     crop_dir: str = Field("", description="Where enrolled crops are kept for THI.")
     mllm_timeout: float = Field(20.0, gt=0, description="Seconds a search waits for the MLLM.")
     thi_schedule: Literal["lean", "reference"] = "lean"

@@ -92,6 +92,8 @@ class TritonServer(SupervisedServer):
     # Triton's own Prometheus metrics (nv_inference_count, queue and compute times per model)
     # at http://127.0.0.1:PORT/metrics; None: off. 0: a free port.
     metrics_port: int | None = None
+    # Address the server binds (loopback by default; 0.0.0.0 inside a container).
+    host: str = "127.0.0.1"
     shm_prefix: str = field(default_factory=lambda: f"icl_{uuid.uuid4().hex[:12]}_")
     _supervisor: ProcessSupervisor | None = field(default=None, init=False, repr=False)
 
@@ -117,7 +119,7 @@ class TritonServer(SupervisedServer):
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=true",
-            "--metrics-address=127.0.0.1",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
         ]
 
@@ -128,9 +130,9 @@ class TritonServer(SupervisedServer):
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backends}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            "--http-address=127.0.0.1",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
-            "--grpc-address=127.0.0.1",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             *self._metrics_flags(),
             "--pinned-memory-pool-byte-size=0",

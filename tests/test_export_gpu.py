@@ -135,6 +135,57 @@ def test_build_script_runs_trtexec_for_every_plan(gpu_repository, tmp_path):
         assert proc.returncode == 3 and b"trtexec not found" in proc.stderr
 
 
+def test_build_script_commands_through_a_trtexec_on_path(gpu_repository, demo_model, tmp_path):
+    """The script as the `plans` compose service runs it (`sh build_plans.sh` in the TensorRT
+    image, trtexec found on PATH), with a stand-in trtexec (TensorRT cannot run here) that
+    records its arguments and working directory: every plan gets its profile over the batch
+    axis, the strongly typed build and the shared timing cache, paths relative to the
+    repository."""
+    out, _ = gpu_repository
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.jsonl"
+    (bin_dir / "trtexec").write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({'cwd': os.getcwd(), 'argv': sys.argv[1:]}) + '\\n')\n"
+    )
+    (bin_dir / "trtexec").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    env.pop("TRTEXEC", None)
+    proc = subprocess.run(
+        ["sh", BUILD_SCRIPT], cwd=out, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("all plans built")
+    import json
+
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    cfg = demo_model.config
+    h, w = cfg.image_size
+    s = GpuServingSettings()
+    want = {
+        "image_encoder_trt": ("pixels", f"{h}x{w}x3"),
+        "text_encoder_trt": ("input_ids", f"{cfg.context_length}"),
+    }
+    assert len(calls) == len(want)
+    for call in calls:
+        assert Path(call["cwd"]) == out.resolve()
+        args = dict(a.split("=", 1) if "=" in a else (a, "") for a in call["argv"])
+        model = Path(args["--onnx"]).parts[0]
+        name, item = want.pop(model)
+        assert args["--onnx"] == f"{model}/1/model.onnx"
+        assert args["--saveEngine"] == f"{model}/1/model.plan"
+        assert (out / args["--onnx"]).is_file()
+        assert "--stronglyTyped" in args and "--fp16" not in args
+        assert args["--minShapes"] == f"{name}:1x{item}"
+        assert args["--optShapes"] == f"{name}:{s.opt_batch_size}x{item}"
+        assert args["--maxShapes"] == f"{name}:{s.max_batch_size}x{item}"
+        assert args["--timingCacheFile"] == "timing.cache"
+    assert not want
+
+
 def test_cli_without_tensorrt_explains_the_next_step(tmp_path):
     if find_trtexec() is not None:
         pytest.skip("TensorRT is installed here")

@@ -130,6 +130,31 @@ def fit_to_budget(image: np.ndarray, image_pixels: int, factor: int = 28) -> Ima
     return pil if (w, h) == pil.size else pil.resize((w, h), Image.Resampling.BICUBIC)
 
 
+def chat_template_of(tokenizer: Any, path: str | Path) -> str:
+    """The model directory's chat template: the tokenizer's, else (older Qwen2-VL releases)
+    the processor's chat_template.json."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        return template
+    file = Path(path) / "chat_template.json"
+    if file.is_file():
+        return json.loads(file.read_text())["chat_template"]
+    raise ValueError(f"{path} has no chat template")
+
+
+def render_chat(tokenizer: Any, chat_template: str, n_images: int, prompt: str) -> str:
+    """One user turn holding `n_images` image placeholders then `prompt`, rendered with the
+    model's own template and the generation prompt (the text vLLM's chat API would build)."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": prompt})
+    messages: Any = [{"role": "user", "content": content}]
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+    )
+    assert isinstance(text, str)  # tokenize=False renders text
+    return text
+
+
 def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -203,7 +228,7 @@ class Qwen2VLBackend:
             self.path, local_files_only=True, dtype=torch_dtype
         ).to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
         self.model.eval()
-        self.chat_template = self._chat_template()
+        self.chat_template = chat_template_of(self.tokenizer, self.path)
         self.image_token = getattr(self.tokenizer, "image_token", None) or IMAGE_TOKEN
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id != self.model.config.image_token_id:
@@ -228,33 +253,13 @@ class Qwen2VLBackend:
             self.path, image_pixels=self.image_pixels, dtype=str(torch_dtype)
         )
 
-    def _chat_template(self) -> str:
-        template = getattr(self.tokenizer, "chat_template", None)
-        if template:
-            return template
-        # Older Qwen2-VL releases keep the template only in the processor's chat_template.json.
-        file = self.path / "chat_template.json"
-        if file.is_file():
-            return json.loads(file.read_text())["chat_template"]
-        raise ValueError(f"{self.path} has no chat template")
-
     def visual_tokens(self, height: int, width: int) -> int:
         """Visual tokens one crop of this size costs (after the 2x2 patch merge)."""
         h, w = budget_size(height, width, self.image_pixels, self.factor)
         return (h // self.factor) * (w // self.factor)
 
     def _chat_text(self, n_images: int, prompt: str) -> str:
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
-        content.append({"type": "text", "text": prompt})
-        messages: Any = [{"role": "user", "content": content}]
-        text = self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        assert isinstance(text, str)  # tokenize=False renders text
-        return text
+        return render_chat(self.tokenizer, self.chat_template, n_images, prompt)
 
     def _encode(
         self, rows: Sequence[Sequence[np.ndarray]], prompts: Sequence[str]
@@ -337,6 +342,8 @@ __all__ = [
     "Qwen2VLBackend",
     "answer_token_ids",
     "budget_size",
+    "chat_template_of",
     "fit_to_budget",
     "model_key_for",
+    "render_chat",
 ]

@@ -19,8 +19,15 @@ BACKENDS: dict[str, str] = {
     "qwen2vl": "icl.mllm.qwen2vl:Qwen2VLBackend",
     # The project's trained demo model (default: the committed icl/demo/mllm.pt).
     "demo": "icl.mllm.demo:load_demo_backend",
+    # A Qwen2-VL-class directory served by Triton's vLLM backend (model `mllm_vllm`), reached
+    # through BLS; options: image_pixels, dtype (the engine's), logprobs, max_new_tokens,
+    # vllm_model. Only the Triton `mllm` model hosts it: it injects the BLS transport
+    # (icl.mllm.vllm_adapter.VllmAdapterBackend).
+    "vllm": "icl.mllm.vllm_adapter:VllmAdapterBackend",
 }
-NEEDS_PATH = frozenset({"qwen2vl"})
+NEEDS_PATH = frozenset({"qwen2vl", "vllm"})
+# Backends that call back into Triton (BLS): the host passes `transport=`.
+NEEDS_TRANSPORT = frozenset({"vllm"})
 
 
 class BackendConfigError(ValueError):

@@ -1,7 +1,7 @@
 """Triton python-backend model `mllm`: any `MllmBackend` behind one decoupled model.
 
 The backend comes from config parameters (written by icl.export.mllm_repository):
-`backend` ("qwen2vl" | "demo"), `path` (model directory; relative paths are taken from this
+`backend` ("qwen2vl" | "demo" | "vllm"), `path` (model directory; relative paths are taken from this
 model's folder), `options` (JSON keyword arguments for the backend), `threads` (torch
 intra-op threads of this instance).
 
@@ -18,11 +18,16 @@ gets an error response starting with "invalid request:"; a backend failure one s
 "backend failed:"; the stub never dies on a request. A request whose client gave up (its
 stream was cancelled) is dropped between steps: before it starts, after decoding its images,
 inside backends that take `should_stop` (`can_stop`), and per streamed piece.
+
+Backend "vllm" (GPU): the backend renders prompts and fits crops here and sends the requests
+to the vLLM model (option `vllm_model`, default "mllm_vllm") in the same server through BLS
+(`BlsVllmTransport` below): every score pair in flight at once, generate streamed.
 """
 
 import io
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ import triton_python_backend_utils as pb_utils
 from PIL import Image
 
 from icl.mllm.contract import MllmCancelled
-from icl.mllm.registry import load_backend
+from icl.mllm.registry import NEEDS_TRANSPORT, load_backend
 from icl.triton_models import model_config, model_parameters
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -84,6 +89,76 @@ def _image(data, i):
         raise BadRequest(f"IMAGES[{i}] is not a decodable PNG/JPEG image: {exc}") from None
 
 
+class BlsVllmTransport:
+    """`icl.mllm.vllm_adapter.VllmTransport` over BLS to Triton's vLLM backend (decoupled).
+
+    `submit` puts every request in flight at once, so the engine sees them together and
+    batches them."""
+
+    OUTPUTS = ("text_output", "logprobs")
+    MAX_IN_FLIGHT = 64  # the most score pairs a request holds (max_images)
+
+    def __init__(self, model_name):
+        self.model_name = model_name
+
+    def _inputs(self, r):
+        def one(name, value, dtype):
+            return pb_utils.Tensor(name, np.array([value], dtype=dtype))
+
+        tensors = [
+            one("text_input", r.text_input.encode("utf-8"), np.object_),
+            one("sampling_parameters", r.sampling_json().encode("utf-8"), np.object_),
+            one("stream", r.stream, bool),
+            one("exclude_input_in_output", r.exclude_input_in_output, bool),
+            one("return_logprobs", r.return_logprobs, bool),
+        ]
+        if r.images:
+            tensors.append(pb_utils.Tensor("image", np.array(list(r.images), dtype=np.object_)))
+        return tensors
+
+    def _outputs(self, iterator):
+        from icl.mllm.vllm_adapter import VllmOutput, parse_logprobs
+
+        done = False
+        try:
+            for response in iterator:
+                if response.has_error():
+                    raise RuntimeError(f"{self.model_name}: {response.error().message()}")
+                text = pb_utils.get_output_tensor_by_name(response, "text_output")
+                if text is None:  # the empty final response of a decoupled model
+                    continue
+                raw = text.as_numpy().reshape(-1)
+                piece = b"".join(bytes(v) for v in raw).decode("utf-8")
+                lp = pb_utils.get_output_tensor_by_name(response, "logprobs")
+                logprobs = (
+                    parse_logprobs(bytes(lp.as_numpy().reshape(-1)[0])) if lp is not None else None
+                )
+                yield VllmOutput(piece, logprobs)
+            done = True
+        finally:  # abandoned (the client gave up): stop the engine's work where supported
+            cancel = getattr(iterator, "cancel", None)
+            if not done and cancel is not None:
+                cancel()
+
+    def submit(self, requests):
+        bls = [
+            pb_utils.InferenceRequest(
+                model_name=self.model_name,
+                inputs=self._inputs(r),
+                requested_output_names=list(self.OUTPUTS),
+            )
+            for r in requests
+        ]
+        if len(bls) == 1:
+            return [self._outputs(bls[0].exec(decoupled=True))]
+        # A decoupled exec() returns once the request's first response has arrived, so one
+        # caller would run the requests one after another; threads put them all in flight
+        # (what the python backend's async_exec does: exec in an executor).
+        with ThreadPoolExecutor(max_workers=min(len(bls), self.MAX_IN_FLIGHT)) as pool:
+            iterators = list(pool.map(lambda b: b.exec(decoupled=True), bls))
+        return [self._outputs(it) for it in iterators]
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
@@ -102,7 +177,10 @@ class TritonPythonModel:
         options = json.loads(params.get("options") or "{}")
         self.max_images = int(params.get("max_images", "64"))
         self.max_tokens_limit = int(params.get("max_tokens_limit", "1024"))
-        self.backend = load_backend(params.get("backend", ""), path, **options)
+        backend = params.get("backend", "")
+        if backend in NEEDS_TRANSPORT:
+            options["transport"] = BlsVllmTransport(options.pop("vllm_model", "mllm_vllm"))
+        self.backend = load_backend(backend, path, **options)
         self.model_key = self.backend.model_key
         self.streams = bool(getattr(self.backend, "can_stream", False))
         self.stops = bool(getattr(self.backend, "can_stop", False))
