@@ -234,6 +234,13 @@ def enroll_command(
     if not items:
         raise fail(f"{source} holds no crops ({', '.join(sorted(IMAGE_SUFFIXES))})")
     tls_opts = tls_options(tls, ca_file, cert_file, key_file)
+    if not service_reachable(address, timeout_s=min(timeout or 5.0, 5.0), tls=tls_opts):
+        # Before the load: nothing was sent, so nothing "went away".
+        how = " (with TLS: check --ca-file, the client certificate and the server's name)"
+        raise fail(
+            f"UNAVAILABLE: cannot connect to the PersonSearch service at {address}"
+            + (how if tls_opts is not None else "")
+        )
     try:
         summary = asyncio.run(
             enroll_items(address, items, batch_size, timeout, quiet, tls_opts, token)

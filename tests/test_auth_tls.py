@@ -235,6 +235,27 @@ def test_cli_enroll_refused_token_is_not_an_outage(mtls, certs, tmp_path):
     assert TOKENS["searcher"][0] not in out.stderr + out.stdout
 
 
+def test_cli_enroll_failed_handshake_says_so(mtls, certs, tmp_path):
+    """A client that cannot finish the TLS handshake (no client certificate for a service that
+    requires one) is told it cannot connect, not that the service went away mid-load."""
+    crops = tmp_path / "crops" / "cam-01"
+    crops.mkdir(parents=True)
+    (crops / "a.png").write_bytes(gallery_images(demo_gallery(1, seed=44))[0].image)
+    out = _icl(
+        "enroll",
+        str(tmp_path / "crops"),
+        "--address",
+        mtls.address,
+        "-q",
+        "--ca-file",
+        str(certs.ca),
+        ICL_TOKEN=TOKENS["loader"][0],
+    )
+    assert out.returncode == 2
+    assert "cannot connect to the PersonSearch service" in out.stderr
+    assert "went away" not in out.stderr and "Traceback" not in out.stderr
+
+
 def test_help_shows_no_token(tmp_path):
     secret = "env-token-that-must-not-show-0123"
     out = _icl("search", "--help", ICL_TOKEN=secret)
