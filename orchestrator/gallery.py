@@ -556,22 +556,26 @@ class MilvusGallery:
     def list_page(self, where: GalleryFilter, after: str | None, limit: int) -> list[GalleryEntry]:
         """Rows after `after` in image_id (primary key) order: a keyset page, `image_id >
         last` in the filter and no offset, so no query window limits how deep one pages and
-        rows enrolled or deleted meanwhile never shift a page. `iterator` asks Milvus for
-        its primary-key-ordered reduce (what pymilvus' query iterator relies on)."""
+        rows enrolled or deleted meanwhile never shift a page. The page must hold the
+        smallest keys across all segments, and the backends differ (measured, and tested in
+        tests/test_gallery_paging.py): the 2.3.5 server merges a limited query in key order
+        by itself, while Lite 3.2.2 does only with pymilvus' `iterator` flag (without it, a
+        page skipped rows of a newer segment); on the server that flag hid rows upserted a
+        moment before (growing segments), so only Lite gets it."""
         if not 1 <= limit <= QUERY_PAGE:
             raise ValueError(f"limit must be 1 to {QUERY_PAGE}, not {limit}")
         parts = [filter_expression(where)] if not where.empty else []
         if after is not None:
             parts.append(f"image_id > {_quoted([after], IMAGE_ID, 'image id')[1:-1]}")
         self._flush_pending()  # a filtered query walks Lite's MemTable like a search
+        ordered: dict[str, str] = {"iterator": "True"} if self.local else {}
         rows = self._client.query(
             self.collection,
             filter=" and ".join(parts) or 'image_id != ""',
             output_fields=["image_id", *META_FIELDS],
             limit=limit,
             consistency_level=self._consistency(),
-            iterator="True",
-            reduce_stop_for_best="True",
+            **ordered,
         )
         entries = sorted(
             (
