@@ -1,15 +1,34 @@
-"""`icl gallery verify`: is every gallery row reachable by search, and what recall@k?"""
+"""`icl gallery`: browse a running service's gallery (`list`, `show`, `stats`, over gRPC)
+and check a Milvus collection directly (`verify`: is every row reachable by search?)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
+from pathlib import Path
+from typing import Annotated, Any
 
+import grpc
 import typer
+from rich.table import Table
 
-from icl.cli.common import fail
+from icl.cli.common import (
+    DEFAULT_ADDRESS,
+    CaFileOption,
+    CertFileOption,
+    KeyFileOption,
+    TlsFlag,
+    TokenOption,
+    console,
+    fail,
+    parse_time,
+    tls_options,
+)
 from icl.orchestrator.gallery import GalleryError, MilvusGallery
 from icl.orchestrator.gallery_verify import verify_gallery
+from icl_api import PersonSearchClient
 
 gallery_app = typer.Typer(help="Inspect the Milvus gallery.", no_args_is_help=True)
 
@@ -69,6 +88,132 @@ def verify(
         typer.echo(f"not checked (more than 16384 equal vectors): {len(report.unchecked)}")
     if report.unreachable:
         raise typer.Exit(1)
+
+
+AddressOption = Annotated[str, typer.Option(envvar="ICL_ADDRESS", help="PersonSearch address.")]
+TimeoutOption = Annotated[float, typer.Option(help="Deadline in seconds.")]
+
+
+@contextmanager
+def _client(
+    address: str,
+    timeout: float,
+    token: str | None,
+    tls: bool,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+) -> Iterator[PersonSearchClient]:
+    """A client whose gRPC errors end the command with one line and exit code 2."""
+    opts = tls_options(tls, ca_file, cert_file, key_file)
+    try:
+        with PersonSearchClient(address, tls=opts, token=token, timeout_s=timeout) as client:
+            yield client
+    except grpc.RpcError as exc:
+        raise fail(f"{exc.code().name}: {exc.details()} ({address})") from None
+
+
+def _when(ts: Any) -> str:
+    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@gallery_app.command("list")
+def list_images(
+    camera: Annotated[list[str] | None, typer.Option(help="Only this camera (repeatable).")] = None,
+    since: Annotated[str | None, typer.Option(help="Captured at or after (ISO-8601).")] = None,
+    until: Annotated[str | None, typer.Option(help="Captured at or before (ISO-8601).")] = None,
+    page_size: Annotated[int, typer.Option(help="Images per page (1..1000).")] = 100,
+    page_token: Annotated[
+        str, typer.Option(help="Continue after this page (printed by the previous list).")
+    ] = "",
+    all_pages: Annotated[
+        bool, typer.Option("--all", help="Every page, one after another.")
+    ] = False,
+    address: AddressOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = 30.0,
+    token: TokenOption = None,
+    tls: TlsFlag = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+) -> None:
+    """List gallery images (ListImages), in image id order, one page or --all."""
+    from icl_api import list_images_request
+
+    request = list_images_request(
+        page_size, camera or (), parse_time(since, "since"), parse_time(until, "until"), page_token
+    )
+    table = Table(title_justify="left")
+    for column in ("image id", "camera", "captured (UTC)", "track", "uri"):
+        table.add_column(column)
+    with _client(address, timeout, token, tls, ca_file, cert_file, key_file) as client:
+        while True:
+            page = client.list_images(request)
+            for image in page.images:
+                table.add_row(
+                    image.image_id,
+                    image.camera_id,
+                    _when(image.captured_at),
+                    image.track_id,
+                    image.image_uri,
+                )
+            request.page_token = page.next_page_token
+            if not (all_pages and page.next_page_token):
+                break
+    console.print(table)
+    if request.page_token:
+        console.print(f"next page: --page-token {request.page_token}", soft_wrap=True)
+
+
+@gallery_app.command()
+def show(
+    image_id: Annotated[str, typer.Argument(help="The gallery image id.")],
+    out: Annotated[Path | None, typer.Option(help="Write the stored crop to this file.")] = None,
+    address: AddressOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = 30.0,
+    token: TokenOption = None,
+    tls: TlsFlag = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+) -> None:
+    """One image's metadata (GetImage), and its crop with --out."""
+    with _client(address, timeout, token, tls, ca_file, cert_file, key_file) as client:
+        image = client.get_image(image_id)
+    console.print(f"image id:    {image.image_id}")
+    console.print(f"camera:      {image.camera_id}")
+    console.print(f"captured:    {_when(image.captured_at)} UTC")
+    console.print(f"track:       {image.track_id or '-'}")
+    console.print(f"uri:         {image.image_uri or '-'}")
+    console.print(
+        f"crop:        {len(image.image)} bytes" if image.image else "crop:        none stored"
+    )
+    if out is not None:
+        if not image.image:
+            raise fail(f"no crop is stored for {image_id}")
+        out.write_bytes(image.image)
+        console.print(f"wrote {out}")
+
+
+@gallery_app.command()
+def stats(
+    address: AddressOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = 60.0,
+    token: TokenOption = None,
+    tls: TlsFlag = False,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+) -> None:
+    """Images in the gallery, per camera, oldest and newest capture time (GetGalleryStats)."""
+    with _client(address, timeout, token, tls, ca_file, cert_file, key_file) as client:
+        reply = client.gallery_stats()
+    console.print(f"images: {reply.images}")
+    if reply.HasField("oldest_captured_at"):
+        console.print(f"oldest: {_when(reply.oldest_captured_at)} UTC")
+        console.print(f"newest: {_when(reply.newest_captured_at)} UTC")
+    for camera in reply.cameras:
+        console.print(f"{camera.camera_id}: {camera.images}")
 
 
 def _one_line(exc: BaseException) -> str:

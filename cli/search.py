@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC
+from pathlib import Path
 from typing import Annotated, Any
 
 import grpc
@@ -25,14 +26,41 @@ from icl.thi.engine import is_failure
 from icl_api import PersonSearchClient, search_request
 
 
-def print_hits(text: str, response: Any) -> None:
+def print_hits(text: str, response: Any, grouped: bool = False) -> None:
     table = Table(title=f"Search: {text}", title_justify="left")
-    for column in ("rank", "image id", "camera", "captured (UTC)", "score"):
-        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+    columns = ["rank", "image id", "camera", "captured (UTC)", "score"]
+    if grouped:
+        columns += ["track", "track hits"]
+    for column in columns:
+        table.add_column(
+            column, justify="right" if column in ("rank", "score", "track hits") else "left"
+        )
     for rank, hit in enumerate(response.hits, 1):
         when = hit.captured_at.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(str(rank), hit.image_id, hit.camera_id, when, f"{hit.score:.4f}")
+        row = [str(rank), hit.image_id, hit.camera_id, when, f"{hit.score:.4f}"]
+        if grouped:
+            row += [hit.track_id, str(hit.track_hits)]
+        table.add_row(*row)
     console.print(table)
+
+
+def print_event(event: Any) -> None:
+    """One line per SearchStream step as it arrives (the final table comes after)."""
+    kind = event.WhichOneof("event")
+    if kind == "base":
+        top = ", ".join(h.image_id for h in event.base.hits[:5])
+        console.print(f"base ranking: {len(event.base.hits)} hits ({top}{', ...' if top else ''})")
+    elif kind == "candidate":
+        c = event.candidate
+        console.print(f"THI asked #{c.base_rank} {c.image_id}: P(Yes)={c.p_yes:.2f}")
+    elif kind == "anchor":
+        how = "confirmed by the operator" if event.anchor.confirmed else "found by the MLLM"
+        console.print(f"THI anchor: {event.anchor.image_id} ({how})")
+    elif kind == "vqa":
+        cached = " (cached)" if event.vqa.cached else ""
+        console.print(f"THI answers{cached}: {' '.join(event.vqa.answers)}")
+    elif kind == "refined_query":
+        console.print(f"THI refined query: {event.refined_query.text}")
 
 
 def print_trace(trace: Any) -> None:
@@ -42,7 +70,10 @@ def print_trace(trace: Any) -> None:
     )
     console.print(f"THI asked: {asked or 'nobody'} ({trace.mllm_calls} MLLM calls)")
     if trace.anchor_image_id:
-        console.print(f"THI anchor: {trace.anchor_image_id}; refined query: {trace.refined_query}")
+        how = " (confirmed)" if trace.anchor_confirmed else ""
+        console.print(
+            f"THI anchor: {trace.anchor_image_id}{how}; refined query: {trace.refined_query}"
+        )
     elif is_failure(trace.fallback_reason):
         console.print(f"THI fell back to the base ranking: {trace.fallback_reason}")
     else:  # the reason says which rule kept it ("no anchor: ...")
@@ -50,7 +81,29 @@ def print_trace(trace: Any) -> None:
 
 
 def search(
-    text: Annotated[str, typer.Option("--text", "-t", help="Description of the person.")],
+    text: Annotated[str, typer.Option("--text", "-t", help="Description of the person.")] = "",
+    image: Annotated[
+        Path | None,
+        typer.Option(
+            "--image", help="Query crop (JPEG/PNG/WebP/BMP): query by example, alone or with text."
+        ),
+    ] = None,
+    image_weight: Annotated[
+        float | None,
+        typer.Option(help="With --text and --image: the crop's weight in [0, 1] (default 0.5)."),
+    ] = None,
+    anchor: Annotated[
+        str | None,
+        typer.Option(
+            "--anchor", help="THI from this gallery image, confirmed as the target (implies --thi)."
+        ),
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="SearchStream: print each THI step as it arrives.")
+    ] = False,
+    group_tracks: Annotated[
+        bool, typer.Option("--group-tracks", help="One hit per track id, with its hit count.")
+    ] = False,
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 10,
     camera: Annotated[list[str] | None, typer.Option(help="Only this camera (repeatable).")] = None,
     since: Annotated[
@@ -72,8 +125,23 @@ def search(
     key_file: KeyFileOption = None,
 ) -> None:
     """Search the gallery of a running PersonSearch service and print the ranked hits."""
+    crop = b""
+    if image is not None:
+        try:
+            crop = image.read_bytes()
+        except OSError as exc:
+            raise fail(f"--image {image}: {exc.strerror or exc}") from None
+    thi = thi or anchor is not None
     request = search_request(
-        text, top_k, camera or (), parse_time(since, "since"), parse_time(until, "until")
+        text,
+        top_k,
+        camera or (),
+        parse_time(since, "since"),
+        parse_time(until, "until"),
+        image=crop,
+        image_weight=image_weight,
+        group_by_track=group_tracks,
+        confirmed_anchor=anchor or "",
     )
     if thi:
         request.thi.enabled = True
@@ -86,10 +154,23 @@ def search(
     tls_opts = tls_options(tls, ca_file, cert_file, key_file)
     try:
         with PersonSearchClient(address, tls=tls_opts, token=token, timeout_s=timeout) as client:
-            response = client.search(request)
+            if stream:
+                response = None
+                for event in client.search_stream(request):
+                    if event.HasField("result"):
+                        response = event.result
+                    else:
+                        print_event(event)
+                if response is None:
+                    raise fail(f"the stream ended without a result ({address})")
+            else:
+                response = client.search(request)
     except grpc.RpcError as exc:
         raise fail(f"{exc.code().name}: {exc.details()} ({address})") from None
-    print_hits(text, response)
+    title = text
+    if image is not None:
+        title = f"{text} + crop {image.name}" if text else f"crop {image.name}"
+    print_hits(title, response, group_tracks)
     if thi:
         print_trace(response.thi_trace)
 

@@ -556,65 +556,67 @@ class MilvusGallery:
     def list_page(self, where: GalleryFilter, after: str | None, limit: int) -> list[GalleryEntry]:
         """Rows after `after` in image_id (primary key) order: a keyset page, `image_id >
         last` in the filter and no offset, so no query window limits how deep one pages and
-        rows enrolled or deleted meanwhile never shift a page. `iterator` asks Milvus for
-        its primary-key-ordered reduce (what pymilvus' query iterator relies on)."""
+        rows enrolled or deleted meanwhile never shift a page. The page must hold the
+        smallest keys across all segments, and the backends differ (measured, and tested in
+        tests/test_gallery_paging.py): the 2.3.5 server merges a limited query in key order
+        by itself, while Lite 3.2.2 does only with pymilvus' `iterator` flag (without it, a
+        page skipped rows of a newer segment); on the server that flag hid rows upserted a
+        moment before (growing segments), so only Lite gets it."""
+        return [
+            GalleryEntry(
+                image_id=str(r["image_id"]),
+                camera_id=r["camera_id"],
+                captured_at_ms=int(r["captured_at_ms"]),
+                track_id=r["track_id"],
+                image_uri=r["image_uri"],
+            )
+            for r in self._keyset_page(where, after, limit, META_FIELDS)
+        ]
+
+    def _keyset_page(
+        self, where: GalleryFilter, after: str | None, limit: int, fields: list[str]
+    ) -> list[dict[str, Any]]:
+        """The `limit` smallest image ids after `after` matching `where`, sorted (list_page)."""
         if not 1 <= limit <= QUERY_PAGE:
             raise ValueError(f"limit must be 1 to {QUERY_PAGE}, not {limit}")
         parts = [filter_expression(where)] if not where.empty else []
         if after is not None:
             parts.append(f"image_id > {_quoted([after], IMAGE_ID, 'image id')[1:-1]}")
         self._flush_pending()  # a filtered query walks Lite's MemTable like a search
+        ordered: dict[str, str] = {"iterator": "True"} if self.local else {}
         rows = self._client.query(
             self.collection,
             filter=" and ".join(parts) or 'image_id != ""',
-            output_fields=["image_id", *META_FIELDS],
+            output_fields=["image_id", *fields],
             limit=limit,
             consistency_level=self._consistency(),
-            iterator="True",
-            reduce_stop_for_best="True",
+            **ordered,
         )
-        entries = sorted(
-            (
-                GalleryEntry(
-                    image_id=str(r["image_id"]),
-                    camera_id=r["camera_id"],
-                    captured_at_ms=int(r["captured_at_ms"]),
-                    track_id=r["track_id"],
-                    image_uri=r["image_uri"],
-                )
-                for r in rows
-            ),
-            key=lambda e: e.image_id,
-        )
-        return entries
+        return sorted(rows, key=lambda r: str(r["image_id"]))
 
     @_milvus_call("stats")
     def stats(self) -> GalleryStats:
-        """One pass over the rows' camera and capture time (pk-ordered iterator, no vectors):
-        Milvus 2.3 has no GROUP BY. About a second per 100k rows."""
-        self._flush_pending()
-        it = self._client.query_iterator(
-            self.collection,
-            batch_size=QUERY_PAGE,
-            filter="",
-            output_fields=["camera_id", "captured_at_ms"],
-            consistency_level="Strong",
-        )
+        """One keyset pass over the rows' camera and capture time (no vectors): Milvus 2.3
+        has no GROUP BY. Measured at 20,000 rows on a busy 2-core machine: 0.6 s on the
+        2.3.5 server, 4.3 s on Lite; tests/test_gallery_paging.py checks the counts."""
         per_camera: dict[str, int] = {}
         oldest: int | None = None
         newest: int | None = None
         total = 0
-        try:
-            while batch := it.next():
-                for r in batch:
-                    cam, ms = r["camera_id"], int(r["captured_at_ms"])
-                    per_camera[cam] = per_camera.get(cam, 0) + 1
-                    oldest = ms if oldest is None else min(oldest, ms)
-                    newest = ms if newest is None else max(newest, ms)
-                total += len(batch)
-        finally:
-            it.close()
-        return GalleryStats(total, per_camera, oldest, newest)
+        after: str | None = None
+        while True:
+            rows = self._keyset_page(
+                GalleryFilter(), after, QUERY_PAGE, ["camera_id", "captured_at_ms"]
+            )
+            for r in rows:
+                cam, ms = r["camera_id"], int(r["captured_at_ms"])
+                per_camera[cam] = per_camera.get(cam, 0) + 1
+                oldest = ms if oldest is None else min(oldest, ms)
+                newest = ms if newest is None else max(newest, ms)
+            total += len(rows)
+            if len(rows) < QUERY_PAGE:
+                return GalleryStats(total, per_camera, oldest, newest)
+            after = str(rows[-1]["image_id"])
 
     def reachable(self, timeout_s: float = 2.0) -> bool:
         """Whether Milvus answers and still has the collection (the service's health)."""

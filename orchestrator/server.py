@@ -13,7 +13,7 @@ import contextvars
 import ipaddress
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,7 +404,7 @@ class PersonSearchService:
 
     async def search_stream(
         self, request: pb.SearchRequest, remaining: Remaining
-    ) -> AsyncIterator[pb.SearchEvent]:
+    ) -> AsyncGenerator[pb.SearchEvent, None]:
         """The events of one search: the base ranking, each THI step as it happens, then
         the result (the same response `search` gives). Closing the iterator early cancels
         the search, so no further MLLM call is made."""

@@ -328,3 +328,26 @@ def test_warns_when_serving_beyond_loopback_unprotected(tmp_path):
     assert "without TLS and without tokens" not in protected.stderr, protected.stderr
     loopback = _icl(*[a if a != "0.0.0.0" else "127.0.0.1" for a in common])
     assert "without TLS and without tokens" not in loopback.stderr
+
+
+def test_streaming_and_browsing_need_the_search_permission(authed):
+    """SearchStream and the browsing RPCs are reads: a search token may call them, an
+    enroll-only token may not (and the token reaches the server on the streaming call too)."""
+
+    def reads(client: PersonSearchClient) -> dict:
+        return {
+            "SearchStream": lambda: list(client.search_stream(text="a man", top_k=3)),
+            "ListImages": lambda: client.list_images(page_size=5),
+            "GetImage": lambda: client.get_image("no-such-image"),
+            "GetGalleryStats": lambda: client.gallery_stats(),
+        }
+
+    with PersonSearchClient(authed.address, token=TOKENS["searcher"][0]) as client:
+        calls = reads(client)
+        assert calls["SearchStream"]()[-1].HasField("result")
+        assert isinstance(calls["ListImages"](), pb.ListImagesResponse)
+        assert _code(calls["GetImage"])[0] == grpc.StatusCode.NOT_FOUND  # past the token check
+        assert isinstance(calls["GetGalleryStats"](), pb.GalleryStats)
+    with PersonSearchClient(authed.address, token=TOKENS["loader"][0]) as client:
+        for name, call in reads(client).items():
+            assert _code(call)[0] == grpc.StatusCode.PERMISSION_DENIED, name

@@ -123,7 +123,15 @@ def test_reflection_v1_lists_and_describes_the_service(orchestrator, v1_messages
     ]
     api = next(f for f in files if f.package == "icl.reid.v1")
     service = next(s for s in api.service if s.name == "PersonSearch")
-    assert {m.name for m in service.method} == {"Search", "Enroll", "Delete"}
+    assert {m.name for m in service.method} == {
+        "Search",
+        "Enroll",
+        "Delete",
+        "SearchStream",
+        "ListImages",
+        "GetImage",
+        "GetGalleryStats",
+    }
     assert api.name == pb.DESCRIPTOR.name
     # The v1 service describes itself with upstream's message layout.
     (served,) = (
