@@ -34,6 +34,8 @@ from icl.orchestrator.gallery import (
     SEARCH_EF,
     GalleryError,
     MilvusGallery,
+    bind_deadline,
+    call_timeout,
     is_local_uri,
 )
 from icl.orchestrator.metrics import ObservedCalls, ServiceMetrics, TimedMllm
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PersonSearch"].full_name
 T = TypeVar("T")
 ENROLL_PIPELINE = 2  # Enroll batches in flight per stream
+HEALTH_PROBE_S = 2.0  # the longest the health monitor waits on one dependency
 
 
 @dataclass(frozen=True)
@@ -215,13 +218,26 @@ class PersonSearchService:
         # One thread owns the Milvus client: Milvus Lite is single-writer, and the event
         # loop never blocks on it.
         self._gallery_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gallery")
+        # Set by the health monitor while Milvus does not answer: gallery calls then fail at
+        # once (UNAVAILABLE) instead of queueing behind a call that waits on a wedged server.
+        self.gallery_unreachable = False
 
     async def _in_gallery(self, fn: Callable[..., T], *args: Any) -> T:
-        # With the caller's context: log lines of the gallery thread keep the request id.
+        if self.gallery_unreachable:
+            raise GalleryError("Milvus did not answer the last health check")
+        limit = call_timeout()  # the request's deadline, less time to answer
+        # With the caller's context: log lines of the gallery thread keep the request id, and
+        # its Milvus calls get the request's deadline.
         context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(
+        work = asyncio.get_running_loop().run_in_executor(
             self._gallery_thread, context.run, fn, *args
         )
+        try:
+            # The caller is answered in time even when pymilvus' retries overrun the call's
+            # timeout; a call still queued is dropped, one running ends on its own.
+            return await asyncio.wait_for(work, limit)
+        except TimeoutError:
+            raise GalleryError(f"Milvus did not answer within {limit:.2f} s") from None
 
     async def _encode_texts(self, texts: Sequence[str], remaining: Remaining) -> np.ndarray:
         with self.metrics.stage("text_encode"):
@@ -253,6 +269,7 @@ class PersonSearchService:
 
     async def Search(self, request: Any, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         await _reject_malformed(request, context)
+        bind_deadline(context.time_remaining())  # bounds this call's Milvus calls
         return await self._guard(context, self.search(request, context.time_remaining))
 
     async def search(self, request: pb.SearchRequest, remaining: Remaining) -> pb.SearchResponse:
@@ -309,6 +326,7 @@ class PersonSearchService:
         # the upsert of this one, while upserts and acknowledgements stay in stream order.
         pending: deque[asyncio.Task[pb.EnrollResponse]] = deque()
         previous: asyncio.Future[None] | None = None
+        bind_deadline(context.time_remaining())  # the batches' tasks copy this context
         try:
             async for request in requests:
                 await _reject_malformed(request, context)
@@ -398,6 +416,7 @@ class PersonSearchService:
 
     async def Delete(self, request: Any, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         await _reject_malformed(request, context)
+        bind_deadline(context.time_remaining())
         return await self._guard(context, self.delete(request))
 
     async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
@@ -670,7 +689,11 @@ class Orchestrator:
             except Exception:  # the monitor must outlive any one failed check
                 log.exception("health check failed")
                 down = ["health check"]
+            assert self._service is not None
+            self._service.gallery_unreachable = "Milvus" in down
             if not down:
+                # The recount waits at most this long: a wedged Milvus must not stall health.
+                bind_deadline(HEALTH_PROBE_S)
                 await self._refresh_gallery_size()
             if bool(down) == serving:
                 serving = not down

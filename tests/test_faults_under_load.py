@@ -304,17 +304,23 @@ def _outage(
     during = [c for c in load.calls if c.end >= fault_at and c.start < back_at]
     failed = [c for c in during if c.code != grpc.StatusCode.OK]
     assert failed, f"no search failed while {name} was down"
-    assert all(c.code == grpc.StatusCode.UNAVAILABLE for c in failed), _brief(failed)
-    slow = [c for c in failed if c.end - c.start > FAST_S]
-    assert len(slow) <= LOAD_THREADS, f"{len(slow)} of {len(failed)} failures were slow: {slow[:3]}"
+    odd = [c for c in failed if c.code != grpc.StatusCode.UNAVAILABLE]
+    assert not odd, _brief(odd)
     load.check_deadlines()
     # Health followed the dependency, and the same process serves again within RECOVERY_S.
     assert down_at is not None and down_at - fault_at < 5, "health never said NOT_SERVING"
+    # Once the service knows (health NOT_SERVING), every search fails fast; before, a call
+    # waiting on a dependency that stopped answering ends (UNAVAILABLE) within its deadline.
+    slow = [c for c in failed if c.start >= down_at and c.end - c.start > FAST_S]
+    assert not slow, _brief(slow)
     assert health_back is not None and health_back - back_at < RECOVERY_S, (
         f"health not SERVING within {RECOVERY_S} s of {name}'s return"
     )
     after = load.between(back_at + RECOVERY_S)
-    assert after and all(c.code == grpc.StatusCode.OK for c in after), _brief(after)
+    assert after, (
+        f"no search after the recovery: last began {load.calls[-1].start - back_at:.1f} s after the return"
+    )
+    assert all(c.code == grpc.StatusCode.OK for c in after), _brief(after)
     first_ok = min(c.end for c in load.between(back_at) if c.code == grpc.StatusCode.OK)
     assert first_ok - back_at < RECOVERY_S
     assert stack.service.process.poll() is None and stack.service.process.pid == pid
