@@ -29,6 +29,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.client.types import LoadState
 
 from icl.orchestrator.validation import CAMERA_ID, IMAGE_ID, MAX_CAMERA_IDS, MAX_IDS_PER_DELETE
 from icl.ports import GalleryFilter, GalleryHit, GalleryRecord
@@ -592,10 +593,20 @@ class MilvusGallery:
         return int(rows[0]["count(*)"])
 
     def reachable(self, timeout_s: float = 2.0) -> bool:
-        """Whether Milvus answers and still has the collection (the service's health)."""
+        """Whether Milvus answers and has the collection loaded (the service's health).
+
+        A restarted Milvus server answers before its collections are loaded again, and
+        every search then fails ("collection not loaded") or waits: not ready until loaded.
+        A collection found released is loaded again here (without waiting for it)."""
         try:
-            return bool(self._client.has_collection(self.collection, timeout=timeout_s))
-        except MilvusException:
+            if not self._client.has_collection(self.collection, timeout=timeout_s):
+                return False
+            state = self._client.get_load_state(self.collection, timeout=timeout_s)["state"]
+            if state == LoadState.NotLoad:
+                log.warning("Milvus collection %r is not loaded: loading it", self.collection)
+                self._client.load_collection(self.collection, timeout=timeout_s, _async=True)
+            return bool(state == LoadState.Loaded)
+        except MILVUS_ERRORS:
             return False
 
     def iter_vectors(self, batch_size: int = 1000) -> Iterator[tuple[list[str], np.ndarray]]:

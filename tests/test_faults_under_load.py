@@ -30,6 +30,8 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pymilvus import MilvusClient
+from pymilvus.client.types import LoadState
 
 from icl.export.mllm_repository import mllm_config
 from icl.orchestrator.server import SERVICE_NAME
@@ -291,7 +293,7 @@ def _outage(
         down_at = stack.health.first(NOT_SERVING, fault_at)
         time.sleep(1.5)  # searches while the dependency is down
         repair()
-        back_at = time.monotonic()
+        back_at = time.monotonic()  # when the dependency can serve again
         health_back = stack.health.first(SERVING, back_at)
         while health_back is None and time.monotonic() < back_at + RECOVERY_S + 5:
             time.sleep(0.1)
@@ -318,7 +320,8 @@ def _outage(
     )
     after = load.between(back_at + RECOVERY_S)
     assert after, (
-        f"no search after the recovery: last began {load.calls[-1].start - back_at:.1f} s after the return"
+        f"no search after the recovery: the last began {load.calls[-1].start - back_at:.1f} s "
+        "after the return"
     )
     assert all(c.code == grpc.StatusCode.OK for c in after), _brief(after)
     first_ok = min(c.end for c in load.between(back_at) if c.code == grpc.StatusCode.OK)
@@ -355,8 +358,19 @@ def test_milvus_server_stopped_and_started_again(stack: Stack) -> None:
     milvus = stack.milvus
 
     def restart() -> None:
+        """Milvus on the same address, back once it can search: a restarted 2.3 server
+        answers before its collections are loaded again (the service asks it to load)."""
         milvus._auto_port = False  # type: ignore[attr-defined]  # the address the service dials
         milvus.start()  # type: ignore[attr-defined]
+        started = time.monotonic()
+        client = MilvusClient(uri=milvus.uri, token="root:Milvus")  # type: ignore[attr-defined]
+        try:
+            while client.get_load_state("gallery")["state"] != LoadState.Loaded:
+                assert time.monotonic() - started < 90, "Milvus did not load the collection"
+                time.sleep(0.2)
+        finally:
+            client.close()
+        print(f"\nmilvus: the collection was loaded {time.monotonic() - started:.1f} s after start")
 
     _outage(stack, "milvus", milvus.stop, restart, enroll_seed=62)  # type: ignore[attr-defined]
 
