@@ -752,8 +752,10 @@ def test_fuzz_totals(target: Target) -> None:
         least = 50 if rpc == "Search(thi)" else 300
         assert sum(n for k, n in target.calls.items() if k.split()[0] == rpc) >= least * SCALE, rpc
     target.check_gallery()
-    # What the service logs when a handler fails or a task dies (Milvus Lite's own start
-    # logs a harmless traceback of its in-process server, so not every traceback counts).
-    log = target.service.log.read_text(errors="replace")
-    for word in (" ERROR icl.", "raised by servicer method", "Task exception was never retrieved"):
-        assert word not in log, log[max(0, log.index(word) - 1000) :][:6000]
+    # Nothing logged at ERROR (a failed handler, a dead task), but for the harmless traceback
+    # that Milvus Lite's in-process (sync) gRPC server logs at its start: the service's own
+    # server is grpc.aio.
+    log = target.service.log.read_text(errors="replace").splitlines()
+    errors = [ln for ln in log if " ERROR " in ln and " ERROR grpc._server:" not in ln]
+    errors += [ln for ln in log if "Task exception was never retrieved" in ln]
+    assert not errors, errors[:10]
