@@ -756,6 +756,10 @@ def test_fuzz_totals(target: Target) -> None:
     # that Milvus Lite's in-process (sync) gRPC server logs at its start: the service's own
     # server is grpc.aio.
     log = target.service.log.read_text(errors="replace").splitlines()
-    errors = [ln for ln in log if " ERROR " in ln and " ERROR grpc._server:" not in ln]
+    # Known, not fixed: gRPC's core logs "ExecuteBatchError raised in core by servicer
+    # method" when an Enroll acknowledgement is written just after the caller's deadline
+    # ended the stream (noise, not a failure: the caller is gone).
+    known = (" ERROR grpc._server:", "ExecuteBatchError raised in core by servicer method")
+    errors = [ln for ln in log if " ERROR " in ln and not any(k in ln for k in known)]
     errors += [ln for ln in log if "Task exception was never retrieved" in ln]
     assert not errors, errors[:10]
