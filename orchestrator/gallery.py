@@ -17,6 +17,7 @@ written rows into an HNSW-indexed segment before the next search (docs/gallery.m
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.client.types import LoadState
 
 from icl.orchestrator.validation import CAMERA_ID, IMAGE_ID, MAX_CAMERA_IDS, MAX_IDS_PER_DELETE
 from icl.ports import GalleryEntry, GalleryFilter, GalleryHit, GalleryRecord, GalleryStats
@@ -95,6 +97,36 @@ OUTPUT_FIELDS = META_FIELDS  # kept for callers of the first version
 
 class GalleryError(RuntimeError):
     """The gallery cannot serve (schema mismatch, unreachable server, bad vector, ...)."""
+
+
+# A Milvus that accepts connections but does not answer (a server shutting down, a stalled
+# network) must not hold a caller past its deadline, nor the service's one gallery thread for
+# ever: pymilvus waits without limit when given no timeout. So every Milvus call is bounded by
+# the deadline of the request it serves (bind_deadline), less a reserve for answering, and by
+# CALL_TIMEOUT_S; a call whose request has no time left is not sent at all.
+CALL_TIMEOUT_S = 30.0
+ANSWER_RESERVE_S = 0.2
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "milvus_deadline", default=None
+)
+
+
+def bind_deadline(remaining_s: float | None) -> None:
+    """Milvus calls made from this context (and from tasks and threads that copy it) end
+    within `remaining_s` from now; None: within CALL_TIMEOUT_S."""
+    _deadline.set(None if remaining_s is None else time.monotonic() + remaining_s)
+
+
+def call_timeout() -> float:
+    """Seconds the next Milvus call may take in this context."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return CALL_TIMEOUT_S
+    left = deadline - time.monotonic()
+    left -= min(ANSWER_RESERVE_S, left / 4)
+    if left <= 0.001:
+        raise GalleryError("no time is left of the request's deadline for Milvus")
+    return min(CALL_TIMEOUT_S, left)
 
 
 # What pymilvus raises when Milvus fails or cannot be reached: its error_handler re-raises
@@ -303,7 +335,7 @@ class MilvusGallery:
         """
         if not self.local or self._pending < at_least:
             return
-        self._client.flush(self.collection)
+        self._client.flush(self.collection, timeout=call_timeout())
         self._pending = 0
 
     def _check_schema(self, fields: list[dict[str, Any]]) -> None:
@@ -363,7 +395,8 @@ class MilvusGallery:
             self._advise_server()
 
     def _upsert_rows(self, rows: list[dict[str, Any]]) -> None:
-        self._client.upsert(self.collection, rows)  # never insert: ids are idempotent
+        # never insert: ids are idempotent
+        self._client.upsert(self.collection, rows, timeout=call_timeout())
         self._pending += len(rows)
         self._flush_pending(at_least=LITE_FLUSH_ROWS)
 
@@ -380,6 +413,7 @@ class MilvusGallery:
             output_fields=META_FIELDS,  # never omit: Lite would return the vectors
             search_params={"metric_type": METRIC, "params": {"ef": ef}},
             consistency_level=self._consistency(),
+            timeout=call_timeout(),
         )
         hits = []
         for hit in result[0]:
@@ -409,6 +443,7 @@ class MilvusGallery:
             output_fields=fields,
             limit=min(limit, QUERY_PAGE),
             consistency_level=self._consistency(),
+            timeout=call_timeout(),
         )
 
     def _rows(self, image_ids: Sequence[str], fields: list[str]) -> dict[str, dict[str, Any]]:
@@ -510,7 +545,7 @@ class MilvusGallery:
                 return removed
             if gone.intersection(page):  # never loop forever on a backend that lags
                 raise GalleryError("rows deleted a moment ago are still returned by queries")
-            self._client.delete(self.collection, ids=page)
+            self._client.delete(self.collection, ids=page, timeout=call_timeout())
             removed.extend(page)
             gone.update(page)
 
@@ -536,6 +571,7 @@ class MilvusGallery:
                 output_fields=["image_id"],
                 limit=1,
                 consistency_level=self._consistency(),
+                timeout=call_timeout(),
             )
             if rows:
                 self._known_cameras[camera] = now + KNOWN_CAMERA_TTL_S
@@ -548,7 +584,11 @@ class MilvusGallery:
         # Not row_count: on a server it stays 0 until a flush. Strong: counts are rare.
         self._flush_pending()
         rows = self._client.query(
-            self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"
+            self.collection,
+            filter="",
+            output_fields=["count(*)"],
+            consistency_level="Strong",
+            timeout=call_timeout(),
         )
         return int(rows[0]["count(*)"])
 
@@ -619,10 +659,20 @@ class MilvusGallery:
             after = str(rows[-1]["image_id"])
 
     def reachable(self, timeout_s: float = 2.0) -> bool:
-        """Whether Milvus answers and still has the collection (the service's health)."""
+        """Whether Milvus answers and has the collection loaded (the service's health).
+
+        A restarted Milvus server answers before its collections are loaded again, and
+        every search then fails ("collection not loaded") or waits: not ready until loaded.
+        A collection found released is loaded again here (without waiting for it)."""
         try:
-            return bool(self._client.has_collection(self.collection, timeout=timeout_s))
-        except MilvusException:
+            if not self._client.has_collection(self.collection, timeout=timeout_s):
+                return False
+            state = self._client.get_load_state(self.collection, timeout=timeout_s)["state"]
+            if state == LoadState.NotLoad:
+                log.warning("Milvus collection %r is not loaded: loading it", self.collection)
+                self._client.load_collection(self.collection, timeout=timeout_s, _async=True)
+            return bool(state == LoadState.Loaded)
+        except MILVUS_ERRORS:
             return False
 
     def iter_vectors(self, batch_size: int = 1000) -> Iterator[tuple[list[str], np.ndarray]]:

@@ -34,6 +34,8 @@ from icl.orchestrator.gallery import (
     SEARCH_EF,
     GalleryError,
     MilvusGallery,
+    bind_deadline,
+    call_timeout,
     is_local_uri,
 )
 from icl.orchestrator.handlers import wrap_handler
@@ -67,6 +69,7 @@ DEPENDENCY_HEALTH = {
 }
 T = TypeVar("T")
 ENROLL_PIPELINE = 2  # Enroll batches in flight per stream
+HEALTH_PROBE_S = 2.0  # the longest the health monitor waits on one dependency
 
 
 @dataclass(frozen=True)
@@ -344,13 +347,26 @@ class PersonSearchService:
         # One thread owns the Milvus client: Milvus Lite is single-writer, and the event
         # loop never blocks on it.
         self._gallery_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gallery")
+        # Set by the health monitor while Milvus does not answer: gallery calls then fail at
+        # once (UNAVAILABLE) instead of queueing behind a call that waits on a wedged server.
+        self.gallery_unreachable = False
 
     async def _in_gallery(self, fn: Callable[..., T], *args: Any) -> T:
-        # With the caller's context: log lines of the gallery thread keep the request id.
+        if self.gallery_unreachable:
+            raise GalleryError("Milvus did not answer the last health check")
+        limit = call_timeout()  # the request's deadline, less time to answer
+        # With the caller's context: log lines of the gallery thread keep the request id, and
+        # its Milvus calls get the request's deadline.
         context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(
+        work = asyncio.get_running_loop().run_in_executor(
             self._gallery_thread, context.run, fn, *args
         )
+        try:
+            # The caller is answered in time even when pymilvus' retries overrun the call's
+            # timeout; a call still queued is dropped, one running ends on its own.
+            return await asyncio.wait_for(work, limit)
+        except TimeoutError:
+            raise GalleryError(f"Milvus did not answer within {limit:.2f} s") from None
 
     async def _encode_texts(self, texts: Sequence[str], remaining: Remaining) -> np.ndarray:
         with self.metrics.stage("text_encode"):
@@ -382,6 +398,7 @@ class PersonSearchService:
 
     async def Search(self, request: Any, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         await _reject_malformed(request, context)
+        bind_deadline(context.time_remaining())  # bounds this call's Milvus calls
         return await self._guard(context, self.search(request, context.time_remaining))
 
     async def SearchStream(
@@ -553,6 +570,7 @@ class PersonSearchService:
         # the upsert of this one, while upserts and acknowledgements stay in stream order.
         pending: deque[asyncio.Task[pb.EnrollResponse]] = deque()
         previous: asyncio.Future[None] | None = None
+        bind_deadline(context.time_remaining())  # the batches' tasks copy this context
         try:
             async for request in requests:
                 await _reject_malformed(request, context)
@@ -642,6 +660,7 @@ class PersonSearchService:
 
     async def Delete(self, request: Any, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         await _reject_malformed(request, context)
+        bind_deadline(context.time_remaining())
         return await self._guard(context, self.delete(request))
 
     async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
@@ -990,7 +1009,13 @@ class Orchestrator:
                 DEPENDENCY_HEALTH.get(n, "health check") for n, ok in readiness.items() if not ok
             ]
             await self._set_dependency_health(readiness)
+            assert self._service is not None
+            # Gallery calls fail at once while health finds Milvus down (no queue behind a
+            # wedged Milvus); the outcome of a failed check as a whole changes nothing here.
+            self._service.gallery_unreachable = readiness.get("milvus") is False
             if not down:
+                # The recount waits at most this long: a wedged Milvus must not stall health.
+                bind_deadline(HEALTH_PROBE_S)
                 await self._refresh_gallery_size()
             if bool(down) == serving:
                 serving = not down
