@@ -28,6 +28,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from icl.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from icl.orchestrator.handlers import wrap_handler
 from icl.orchestrator.settings import ConcurrencyLimits
 from icl_api.client import MAX_MESSAGE_BYTES
 
@@ -191,63 +192,19 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self.prefix):
             return handler
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            unary_unary = handler.unary_unary
+        return wrap_handler(handler, self._admitted)
 
-            async def admitted_unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                lane = await self._admit(request, context)
-                try:
-                    return await unary_unary(request, context)
-                finally:
-                    lane.release()
-
-            return grpc.unary_unary_rpc_method_handler(admitted_unary_unary, **codec)
-        if handler.unary_stream is not None:
-            unary_stream = handler.unary_stream
-
-            async def admitted_unary_stream(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                lane = await self._admit(request, context)
-                try:
-                    async for response in unary_stream(request, context):
-                        yield response
-                finally:
-                    lane.release()
-
-            return grpc.unary_stream_rpc_method_handler(admitted_unary_stream, **codec)
-        if handler.stream_unary is not None:
-            stream_unary = handler.stream_unary
-
-            async def admitted_stream_unary(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> Any:
-                lane = await self._admit(None, context)
-                try:
-                    return await stream_unary(requests, context)
-                finally:
-                    lane.release()
-
-            return grpc.stream_unary_rpc_method_handler(admitted_stream_unary, **codec)
-        if handler.stream_stream is not None:
-            stream_stream = handler.stream_stream
-
-            async def admitted_stream_stream(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                lane = await self._admit(None, context)
-                try:
-                    async for response in stream_stream(requests, context):
-                        yield response
-                finally:
-                    lane.release()
-
-            return grpc.stream_stream_rpc_method_handler(admitted_stream_stream, **codec)
-        return handler
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, context: grpc.aio.ServicerContext, request: Any
+    ) -> AsyncIterator[None]:
+        """The call holds a slot of its lane from admission to its end (a stream: its last
+        message); `request` is None for client-streaming calls, which are never THI."""
+        lane = await self._admit(request, context)
+        try:
+            yield
+        finally:
+            lane.release()
 
 
 __all__ = [

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -200,7 +201,7 @@ class ObservedCalls(grpc.aio.ServerInterceptor):
         reply_metadata = ((REQUEST_ID_KEY, request_id),)
 
         @contextlib.asynccontextmanager
-        async def observed(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        async def observed(context: grpc.aio.ServicerContext, _: Any) -> AsyncIterator[None]:
             with self._observed(rpc, request_id, context):
                 # Initial metadata: the caller has the id on success and on error alike.
                 await context.send_initial_metadata(reply_metadata)

@@ -771,44 +771,25 @@ def _decode_batch(
     return out
 
 
+_HANDLER_KINDS = {  # (client streams, server streams) -> grpc's handler constructor
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def _generic_handler(service: PersonSearchService) -> grpc.GenericRpcHandler:
-    handlers = {
-        "Search": grpc.unary_unary_rpc_method_handler(
-            service.Search,
-            request_deserializer=_parser(pb.SearchRequest),
-            response_serializer=pb.SearchResponse.SerializeToString,
-        ),
-        "Enroll": grpc.stream_stream_rpc_method_handler(
-            service.Enroll,
-            request_deserializer=_parser(pb.EnrollRequest),
-            response_serializer=pb.EnrollResponse.SerializeToString,
-        ),
-        "Delete": grpc.unary_unary_rpc_method_handler(
-            service.Delete,
-            request_deserializer=_parser(pb.DeleteRequest),
-            response_serializer=pb.DeleteResponse.SerializeToString,
-        ),
-        "SearchStream": grpc.unary_stream_rpc_method_handler(
-            service.SearchStream,
-            request_deserializer=_parser(pb.SearchRequest),
-            response_serializer=pb.SearchEvent.SerializeToString,
-        ),
-        "ListImages": grpc.unary_unary_rpc_method_handler(
-            service.ListImages,
-            request_deserializer=_parser(pb.ListImagesRequest),
-            response_serializer=pb.ListImagesResponse.SerializeToString,
-        ),
-        "GetImage": grpc.unary_unary_rpc_method_handler(
-            service.GetImage,
-            request_deserializer=_parser(pb.GetImageRequest),
-            response_serializer=pb.GalleryImage.SerializeToString,
-        ),
-        "GetGalleryStats": grpc.unary_unary_rpc_method_handler(
-            service.GetGalleryStats,
-            request_deserializer=_parser(pb.GalleryStatsRequest),
-            response_serializer=pb.GalleryStats.SerializeToString,
-        ),
-    }
+    """A handler for every RPC the proto declares, of the kind it declares, served by the
+    servicer's method of the same name (a missing one fails at start, not on first call)."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["PersonSearch"].methods:
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
@@ -845,7 +826,7 @@ class _CallTracker(grpc.aio.ServerInterceptor):
             return handler
 
         @contextlib.asynccontextmanager
-        async def tracked(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        async def tracked(context: grpc.aio.ServicerContext, _: Any) -> AsyncIterator[None]:
             with self._tracked():
                 yield
 
