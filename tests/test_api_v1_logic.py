@@ -482,8 +482,16 @@ def test_browsing_bad_input(service, demo):
             grpc.StatusCode.INVALID_ARGUMENT,
             "lambda",
         ),
-        (lambda: thi_request("a man", candidates=0), grpc.StatusCode.INVALID_ARGUMENT, "1..50"),
-        (lambda: thi_request("a man", candidates=51), grpc.StatusCode.INVALID_ARGUMENT, "1..50"),
+        (
+            lambda: thi_request("a man", candidates=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "between 1 and 50",
+        ),
+        (
+            lambda: thi_request("a man", candidates=51),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "between 1 and 50",
+        ),
     ],
 )
 def test_bad_search_input(service, build, code, fragment):
