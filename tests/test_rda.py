@@ -85,6 +85,30 @@ def test_paraphrases_are_distinct_varied_and_order_free() -> None:
 
 
 @pytest.mark.unit
+def test_caption_synonyms_never_change_an_attribute_value() -> None:
+    """A synonym swap must keep the label: both words name the same value in the synthetic
+    captioner's table (or neither names one). jacket -> coat once broke this."""
+    from icl.rda.deterministic import _SYNONYMS
+    from icl.synthetic.captions import PHRASES
+
+    def values(term: str) -> set[tuple[str, str]]:
+        return {
+            (attr, value)
+            for attr, table in PHRASES.items()
+            for value, phrases in table.items()
+            if term.lower() in (p.lower() for p in phrases)
+        }
+
+    for word, choices in _SYNONYMS:
+        for choice in choices:
+            assert values(choice) <= values(word) or not values(choice), (word, choice)
+            assert not values(word) or not values(choice) or values(word) == values(choice)
+    out = paraphrases("A man in a green jacket, a grey top and black bottoms.", 5)
+    for text in out[1:]:
+        assert "coat" not in text and "shirt" not in text and "trousers" not in text, text
+
+
+@pytest.mark.unit
 def test_decompose_keeps_the_caption_and_one_group_per_answer() -> None:
     caption = "A woman in a red coat"
     enriched = "A woman in a red coat. The person has long hair. The shoes are black."
