@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from icl.cli import console, demo, enroll, export, gallery, ml, search, serving
+from icl.cli import console, demo, enroll, export, gallery, ml, rda, search, serving
 
 app = typer.Typer(
     help="Text-to-image person search (ICL) on Triton and Milvus.",
@@ -13,5 +13,5 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for group in (export, serving, demo, search, ml, enroll, gallery, console):
+for group in (export, serving, demo, search, ml, enroll, gallery, rda, console):
     group.register(app)

@@ -119,6 +119,12 @@ def eval_(
     ] = None,
     candidates: Annotated[int, typer.Option(min=1, max=50, help="THI's K.")] = 5,
     lam: Annotated[float, typer.Option(min=0.0, max=1.0, help="THI's lambda.")] = 0.8,
+    xi: Annotated[
+        float | None, typer.Option(help="THI: fix xi (with --yes-threshold) instead of tuning.")
+    ] = None,
+    yes_threshold: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="THI: fix the Yes threshold.")
+    ] = None,
 ) -> None:
     """Rank every caption of a split against its images; print R1/R5/R10/mAP/mINP/rSum."""
     import torch
@@ -162,7 +168,10 @@ def eval_(
         console.print(
             f"{metrics.queries_without_positive} queries had no positive and are left out"
         )
-    thi_result = _thi(model, dataset, split, mllm, candidates, lam) if thi else None
+    if (xi is None) != (yes_threshold is None):
+        raise fail("--xi and --yes-threshold go together (both fixed, or both tuned on val)")
+    fixed = (xi, yes_threshold) if xi is not None and yes_threshold is not None else None
+    thi_result = _thi(model, dataset, split, mllm, candidates, lam, fixed) if thi else None
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -224,7 +233,13 @@ def _metric_cells(m: dict) -> list[str]:
 
 
 def _thi(
-    model: Any, dataset: Any, split: str, mllm: Path | None, candidates: int, lam: float
+    model: Any,
+    dataset: Any,
+    split: str,
+    mllm: Path | None,
+    candidates: int,
+    lam: float,
+    fixed: tuple[float, float] | None = None,
 ) -> dict:
     from icl.mllm.demo import load_demo_backend, load_demo_mllm
     from icl.thi.engine import ThiParams
@@ -233,14 +248,20 @@ def _thi(
     if split == "val":
         raise fail("--thi tunes on val: evaluate another split (e.g. --split test)")
     backend = load_demo_mllm(mllm) if mllm else load_demo_backend()
-    with console.status("THI: scoring candidates, tuning on val, replaying on " + split):
+    params = ThiParams(candidates=candidates, lam=lam)
+    if fixed is not None:
+        params = ThiParams(candidates=candidates, lam=lam, xi=fixed[0], yes_threshold=fixed[1])
+    what = "fixed xi/threshold" if fixed else "tuning on val"
+    with console.status(f"THI: scoring candidates, {what}, replaying on " + split):
         result = evaluate_thi(
-            model, dataset, backend, split, "val", ThiParams(candidates=candidates, lam=lam)
+            model, dataset, backend, split, "val", params, fixed=fixed is not None
         )
     limits = result["tuning_limits"]
     how = (
-        f"best R1 + mAP on val with R5 at most {limits['max_r5_drop']:g} below base and at most "
-        f"{limits['max_cost_ratio']:g}x the paper's MLLM evaluations"
+        "fixed by --xi/--yes-threshold (not tuned)"
+        if fixed is not None
+        else f"best R1 + mAP on val with R5 at most {limits['max_r5_drop']:g} below base and "
+        f"at most {limits['max_cost_ratio']:g}x the paper's MLLM evaluations"
         if result["tuned_within_limits"]
         else "no setting met the R5/cost limits on val: best R1 + mAP there"
     )

@@ -78,6 +78,24 @@ def test_eval_thi_command_writes_json(small: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "tunes on val" in bad.output
 
 
+def test_eval_thi_with_fixed_xi_and_threshold_does_not_tune(tmp_path: Path) -> None:
+    """Comparing two encoders under one THI setting: --xi/--yes-threshold skip the tuning."""
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, ids=30, seed=4242, difficulty="medium")
+    out = tmp_path / "thi.json"
+    args = ["eval", "--data", str(data), "--checkpoint", str(demo_path(DEMO_WEIGHTS)), "--thi"]
+    fixed = ["--xi", "0.45", "--yes-threshold", "0.7"]
+    result = CliRunner().invoke(app, [*args, *fixed, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "fixed by --xi/--yes-threshold" in " ".join(result.output.split())
+    thi = json.loads(out.read_text())["thi"]
+    assert thi["tuned_on"] == "(fixed, not tuned)"
+    assert thi["params"]["xi"] == 0.45 and thi["params"]["yes_threshold"] == 0.7
+    assert thi["rows"][1]["name"] == "THI, xi 0.45, Yes > 0.7"
+    half = CliRunner().invoke(app, [*args, "--xi", "0.45"])
+    assert half.exit_code == 2 and "go together" in half.output
+
+
 class ScriptedBackend:
     """P(Yes) from a table per (query, gallery image): the counts below need chosen answers,
     which no trained model gives on demand (the demo model runs in the tests above)."""

@@ -55,6 +55,9 @@ class ImageRecord:
     person_id: int  # as in the file
     captions: tuple[str, ...]  # non-empty strings, stripped
     split: str  # "train" | "val" | "test"
+    # RDA (`icl rda`, docs/rda.md): per caption, groups of paraphrases of one attribute
+    # sentence each; empty when the file has no `diversity_captions`.
+    diversity: tuple[tuple[tuple[str, ...], ...], ...] = ()
 
 
 def _split_key(name: str) -> tuple[int, str]:
@@ -219,7 +222,28 @@ def _parse_record(ann: Path, i: int, item: Any, spec: FormatSpec, images: Path) 
         person_id=pid,
         captions=tuple(captions),
         split=split,
+        diversity=_parse_diversity(where, item.get("diversity_captions"), len(captions)),
     )
+
+
+def _parse_diversity(
+    where: str, value: Any, n_captions: int
+) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    """`diversity_captions`: one list per caption of groups (lists of non-empty strings)."""
+    if value is None:
+        return ()
+    bad = f"{where}: key 'diversity_captions'"
+    if not isinstance(value, list) or len(value) != n_captions:
+        raise DatasetError(f"{bad} must be a list with one entry per caption ({n_captions})")
+    out = []
+    for j, groups in enumerate(value):
+        if not isinstance(groups, list) or not all(
+            isinstance(g, list) and g and all(isinstance(s, str) and s.strip() for s in g)
+            for g in groups
+        ):
+            raise DatasetError(f"{bad}[{j}] must be a list of non-empty lists of non-empty strings")
+        out.append(tuple(tuple(s.strip() for s in g) for g in groups))
+    return tuple(out)
 
 
 def _safe_relative(where: str, key: str, rel: str) -> str:

@@ -84,12 +84,19 @@ def evaluate_thi(
     split: str = "test",
     tune_split: str = "val",
     base: ThiParams | None = None,
+    *,
+    fixed: bool = False,
 ) -> dict[str, Any]:
+    """`fixed`: use `base` as given (xi, threshold) instead of tuning them on `tune_split`,
+    to compare models under one setting."""
     base = base or ThiParams()
-    val = ThiReplay(
-        thi_data(model, dataset.root, dataset.split(tune_split)), backend, base.candidates
-    )
-    tuned, within_limits = tune(val, base, XI_GRID, THRESHOLD_GRID, TuningLimits())
+    if fixed:
+        tuned, within_limits, tune_split = base, True, "(fixed, not tuned)"
+    else:
+        val = ThiReplay(
+            thi_data(model, dataset.root, dataset.split(tune_split)), backend, base.candidates
+        )
+        tuned, within_limits = tune(val, base, XI_GRID, THRESHOLD_GRID, TuningLimits())
     test = ThiReplay(thi_data(model, dataset.root, dataset.split(split)), backend, base.candidates)
     no_anchor = np.zeros_like(test.p_yes)
     rows = [

@@ -11,6 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from icl.models.config import ModelConfig
 
 
+class RdaConfig(BaseModel):
+    """RDA online (docs/rda.md): a reorganised caption as an extra positive per pair, from the
+    `diversity_captions` that `icl rda` wrote; weight max(weight_floor, 1 - decay * epoch)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    weight_floor: float = Field(default=0.1, ge=0, le=1)
+    weight_decay: float = Field(default=0.03, ge=0)
+
+
 class TrainConfig(BaseModel):
     """Optimisation and augmentation. Defaults are the paper's (docs/method.md section 2)."""
 
@@ -39,6 +50,7 @@ class TrainConfig(BaseModel):
     select_metric: Literal["r1", "map", "rsum"] = "rsum"
     seed: int = 0
     threads: int = Field(default=1, ge=1)  # one thread is fastest on a busy 2-core machine
+    rda: RdaConfig = Field(default_factory=RdaConfig)  # `[train.rda]`, off by default
 
 
 class RunConfig(BaseModel):
@@ -70,4 +82,4 @@ def load_run_config(path: Path) -> RunConfig:
         ) from None
 
 
-__all__ = ["ConfigError", "RunConfig", "TrainConfig", "load_run_config"]
+__all__ = ["ConfigError", "RdaConfig", "RunConfig", "TrainConfig", "load_run_config"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from icl.data.readers import ImageRecord
 from icl.evaluation import RetrievalSet, evaluate, load_pixels, retrieval_set
 from icl.metrics import RetrievalMetrics
-from icl.models.dual_encoder import DualEncoder, build_model, save_checkpoint
+from icl.models.dual_encoder import DualEncoder, Embeddings, build_model, save_checkpoint
+from icl.rda.reorganise import rda_weight, reorganise
 from icl.training.config import RunConfig, TrainConfig
 from icl.training.losses import sdm_loss, tal_loss
 
@@ -40,6 +42,8 @@ class PairSet:
     ids: torch.Tensor  # int64 [pairs, L] caption tokens
     image_of_pair: torch.Tensor  # int64 [pairs]
     pid_of_pair: torch.Tensor  # int64 [pairs]
+    # RDA: per pair, the caption's paraphrase groups (empty tuple: none); see icl.rda.
+    rda_groups: tuple[tuple[tuple[str, ...], ...], ...] = ()
 
 
 def pair_set(
@@ -52,12 +56,25 @@ def pair_set(
     captions = [c for r in records for c in r.captions]
     image_of_pair = [i for i, r in enumerate(records) for _ in r.captions]
     pid_of_pair = [r.person_id for r in records for _ in r.captions]
+    rda_groups = tuple(
+        (r.diversity[j] if r.diversity else ()) for r in records for j in range(len(r.captions))
+    )
     return PairSet(
         torch.from_numpy(pixels),
         torch.from_numpy(tokenizer(captions)),
         torch.tensor(image_of_pair),
         torch.tensor(pid_of_pair),
+        rda_groups if any(rda_groups) else (),
     )
+
+
+def rda_texts(pairs: PairSet, batch: torch.Tensor, rng: random.Random) -> list[str] | None:
+    """One reorganised caption per pair of the batch; None when no pair of it has groups
+    (a pair without groups contributes nothing: its row is masked out of the RDA loss)."""
+    groups = [pairs.rda_groups[i] for i in batch.tolist()]
+    if not any(groups):
+        return None
+    return [reorganise(g, rng) if g else "" for g in groups]
 
 
 def augment_images(pixels: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -178,9 +195,28 @@ def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-def _loss(model: DualEncoder, pixels, ids, pids, cfg: TrainConfig) -> torch.Tensor:
+def _loss(
+    model: DualEncoder,
+    pixels,
+    ids,
+    pids,
+    cfg: TrainConfig,
+    extra: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """The loss over (image, caption) pairs; `extra` = (ids, row mask, weight) adds the
+    same loss over (image, reorganised caption) for the masked rows, times the weight."""
     img = model.image.parts(pixels)
-    txt = model.text.parts(ids)
+    loss = _pair_loss(img, model.text.parts(ids), pids, cfg)
+    if extra is not None:
+        rda_ids, rows, weight = extra
+        if int(rows.sum()) >= 2:
+            sub_img = Embeddings(img.bge[rows], img.tse[rows] if img.tse is not None else None)
+            txt = model.text.parts(rda_ids[rows])
+            loss = loss + weight * _pair_loss(sub_img, txt, pids[rows], cfg)
+    return loss
+
+
+def _pair_loss(img, txt, pids, cfg: TrainConfig) -> torch.Tensor:
     if cfg.loss == "tal":
 
         def fn(a, b):
@@ -240,6 +276,11 @@ def train(
         pairs = pair_set(train_records, size, tokenizer, lambda n: bars.advance(task, n))
         val = retrieval_set(val_records, size)
 
+        if cfg.rda.enabled and not pairs.rda_groups:
+            raise ValueError(
+                "train.rda is enabled but the training records have no diversity_captions: "
+                "run `icl rda` on the data set and train on its output (docs/rda.md)"
+            )
         steps_per_epoch = len(pairs.ids) // cfg.batch_size
         if steps_per_epoch < 1:
             raise ValueError(
@@ -265,6 +306,9 @@ def train(
         for epoch in range(start_epoch, cfg.epochs):
             started = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            # RDA draws from its own generator: turning it on leaves every other draw as is.
+            rda_rng = random.Random(cfg.seed * 100_003 + epoch)
+            weight = rda_weight(epoch, cfg.rda.weight_floor, cfg.rda.weight_decay)
             order = torch.randperm(len(pairs.ids), generator=gen)
             model.train()
             total_loss = 0.0
@@ -273,7 +317,13 @@ def train(
                 batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 pixels = augment_images(pairs.pixels[pairs.image_of_pair[batch]], cfg, gen)
                 ids = trim_padding(augment_text(pairs.ids[batch], cfg.text_aug, gen))
-                loss = _loss(model, pixels, ids, pairs.pid_of_pair[batch], cfg)
+                extra = None
+                if cfg.rda.enabled:
+                    texts = rda_texts(pairs, batch, rda_rng)
+                    if texts is not None:
+                        rows = torch.tensor([bool(t) for t in texts])
+                        extra = (trim_padding(torch.from_numpy(tokenizer(texts))), rows, weight)
+                loss = _loss(model, pixels, ids, pairs.pid_of_pair[batch], cfg, extra)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -344,5 +394,6 @@ __all__ = [
     "augment_text",
     "metrics_table_rows",
     "pair_set",
+    "rda_texts",
     "train",
 ]
