@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
+from functools import partial
 
 from icl.mllm.contract import merge_answers
 
@@ -182,6 +183,10 @@ def _same_case(found: str, pick: str) -> str:
     return pick[:1].upper() + pick[1:] if found[:1].isupper() else pick
 
 
+def _replace_with(pick: str, match: re.Match[str]) -> str:
+    return _same_case(match.group(0), pick)
+
+
 def _synonym_variants(sentence: str, count: int) -> list[str]:
     out: list[str] = []
     seed = _digest(sentence)
@@ -192,7 +197,7 @@ def _synonym_variants(sentence: str, count: int) -> list[str]:
             if not pattern.search(text) or (seed >> ((j + k) % 48)) & 1 == (k & 1):
                 continue
             pick = choices[(seed // (k + 1) + j) % len(choices)]
-            text = pattern.sub(lambda m, pick=pick: _same_case(m.group(0), pick), text, count=1)
+            text = pattern.sub(partial(_replace_with, pick), text, count=1)
         if text not in out and text != sentence:
             out.append(text)
         if len(out) >= count:
