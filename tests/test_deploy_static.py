@@ -158,14 +158,13 @@ def test_no_secret_in_the_compose_file() -> None:
 
 
 def _serve_options() -> dict[str, Any]:
-    """`icl serve`'s options: envvar -> default."""
-    import typer
+    """`icl serve`'s settings (the ServeSettings object): environment variable -> default."""
+    from icl.orchestrator.settings import ENV_PREFIX, ServeSettings
 
-    from icl.cli import app
-
-    command = typer.main.get_command(app)
-    serve = command.commands["serve"]  # type: ignore[attr-defined]
-    return {p.envvar: p.default for p in serve.params if getattr(p, "envvar", None)}
+    return {
+        f"{ENV_PREFIX}{name.upper()}": field.default
+        for name, field in ServeSettings.model_fields.items()
+    }
 
 
 def test_service_settings_agree_with_the_cli_and_the_stack() -> None:
