@@ -321,8 +321,14 @@ def _outage(
     assert down_at is not None and down_at - fault_at < 5, "health never said NOT_SERVING"
     # While the service knows (health NOT_SERVING), every search fails fast; otherwise a call
     # waiting on a dependency that does not answer ends (UNAVAILABLE) within its deadline.
+    # ("Knows": health said NOT_SERVING for this fault, seen after the fault began; a sample
+    # left from an earlier outage in the module's log does not count.)
     slow = [
-        c for c in failed if stack.health.at(c.start) == NOT_SERVING and c.end - c.start > FAST_S
+        c
+        for c in failed
+        if c.start >= down_at
+        and stack.health.at(c.start) == NOT_SERVING
+        and c.end - c.start > FAST_S
     ]
     assert not slow, _brief(slow)
     assert health_back is not None and health_back - back_at < RECOVERY_S, (
