@@ -994,10 +994,6 @@ class Orchestrator:
             # Gallery calls fail at once while health finds Milvus down (no queue behind a
             # wedged Milvus); the outcome of a failed check as a whole changes nothing here.
             self._service.gallery_unreachable = readiness.get("milvus") is False
-            if not down:
-                # The recount waits at most this long: a wedged Milvus must not stall health.
-                bind_deadline(HEALTH_PROBE_S)
-                await self._refresh_gallery_size()
             if bool(down) == serving:
                 serving = not down
                 if down:
@@ -1006,6 +1002,12 @@ class Orchestrator:
                 else:
                     log.info("SERVING: Triton and Milvus are ready again")
                     await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            if not down:
+                # After health is published: the recount (for the gauge) may wait on a Milvus
+                # that is still catching up, and health must not say NOT_SERVING meanwhile
+                # while gallery calls are let through. It waits at most HEALTH_PROBE_S.
+                bind_deadline(HEALTH_PROBE_S)
+                await self._refresh_gallery_size()
 
     async def _set_dependency_health(self, readiness: dict[str, bool]) -> None:
         """Each dependency under its own health name, so an operator sees which one is down."""

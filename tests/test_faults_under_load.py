@@ -321,13 +321,15 @@ def _outage(
     assert down_at is not None and down_at - fault_at < 5, "health never said NOT_SERVING"
     # While the service knows (health NOT_SERVING), every search fails fast; otherwise a call
     # waiting on a dependency that does not answer ends (UNAVAILABLE) within its deadline.
-    # ("Knows": health said NOT_SERVING for this fault, seen after the fault began; a sample
-    # left from an earlier outage in the module's log does not count.)
+    # ("Knows": health said NOT_SERVING for this fault when the call started and still FAST_S
+    # later. Health is sampled every 0.1 s, so a call just after the switch back to SERVING
+    # can see a stale sample; a sample left from an earlier outage does not count either.)
     slow = [
         c
         for c in failed
         if c.start >= down_at
         and stack.health.at(c.start) == NOT_SERVING
+        and stack.health.at(c.start + FAST_S) == NOT_SERVING
         and c.end - c.start > FAST_S
     ]
     assert not slow, _brief(slow)
