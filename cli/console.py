@@ -18,6 +18,7 @@ from icl.cli.common import (
     TokenOption,
     console,
     fail,
+    tls_options,
 )
 
 INSTALL_HINT = "the console needs Streamlit: pip install -e '.[ui]'"
@@ -100,11 +101,7 @@ def console_cmd(
     """Run the operator console (a web page) against a running PersonSearch service."""
     if not streamlit_available():
         raise fail(INSTALL_HINT)
-    if (cert_file is None) != (key_file is None):
-        raise fail("--cert-file and --key-file go together (mutual TLS)")
-    for path in (ca_file, cert_file, key_file):
-        if path is not None and not path.is_file():
-            raise fail(f"TLS: {path} is not a readable file")
+    tls_options(False, ca_file, cert_file, key_file)  # the same checks as icl search/enroll
     env = console_env(address, token, ca_file, cert_file, key_file, metrics_url)
     console.print(f"console for {address}: http://{host}:{port} (Ctrl-C stops it)")
     try:
