@@ -1,12 +1,12 @@
 """Search with THI online: the engine of icl.thi over the Gallery, Crops and Mllm ports
 (Milvus, the crop store and Triton in the service).
 
-Fusion needs every image's base and refined score. Online the gallery is only reachable by
-nearest-neighbour search, so the pool is the union of the base query's and the refined
-query's top-N (same filters), re-scored exactly from the stored embeddings. An image in
-neither list scores below lambda * (N-th base score) + (1 - lambda) * (N-th refined score);
-when the k-th fused score is at least that bound the returned top-k is exactly the
-full-gallery fusion (the trace says whether it was).
+Fusion is linear in the gallery embedding: for every image but the anchor,
+lambda * e.q + (1 - lambda) * e.r = e.(lambda * q + (1 - lambda) * r). So the fused top-k over
+the whole gallery is one exact search with the fused vector (normalised; its norm scales the
+scores back), and the anchor, whose refined score is pinned to 1, is put in at its own fused
+score. One gallery call instead of a refined search plus a fetch of both lists' embeddings,
+and exact by construction, since the gallery's index is exact (FLAT, docs/gallery.md).
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ from icl.thi.engine import (
     ThiOutcome,
     ThiParams,
     ThiStep,
-    fuse,
     run_thi,
 )
 
-POOL = 100  # top-N of each list that THI re-scores
+# Below this norm the fused direction is numerically meaningless (q and r opposite).
+MIN_FUSED_NORM = 1e-6
 
 
 class GalleryVqaCache:
     """The engine's VQA cache over the gallery's cached-answers field (per image, per model).
 
-    The engine is synchronous about the cache; answers are fetched for the candidates before
-    it runs and written back after, so Milvus is called at most twice per search."""
+    The engine is synchronous about the cache: the candidates' answers come with the base
+    ranking before it runs, new ones are written back after."""
 
     def __init__(self, known: dict[str, list[str]]) -> None:
         self.known = known
@@ -57,7 +57,7 @@ class ThiSearchResult:
     hits: list[GalleryHit]
     outcome: ThiOutcome
     candidates: list[GalleryHit]
-    exact: bool
+    exact: bool  # the top-k is the full-gallery fusion (the gallery searches exactly)
     anchor_id: str = ""  # the anchor's image id ("" when THI kept the base ranking)
 
 
@@ -99,9 +99,11 @@ async def thi_search(
     service combines it with a query crop). `confirmed_anchor`: an operator's anchor (any
     gallery row, also outside the candidates or the filter): no yes/no walk; it is pinned in
     the fusion when it passes the filter."""
-    pool_n = max(POOL, top_k, params.candidates)
     with stage("gallery_search"):
-        base_hits: list[GalleryHit] = await in_gallery(gallery.search, query_vector, pool_n, where)
+        # The candidates' cached VQA answers come with the base ranking (one gallery call).
+        base_hits: list[GalleryHit] = await in_gallery(
+            gallery.search, query_vector, max(top_k, params.candidates), where, mllm.model_key
+        )
     if on_base is not None:
         on_base(base_hits)
     candidates = base_hits[: params.candidates]
@@ -110,12 +112,13 @@ async def thi_search(
     ids = [h.image_id for h in candidates]
     scores = [h.score for h in candidates]
     anchor_at: int | None = None
+    cached = {h.image_id: list(h.vqa) for h in candidates if h.vqa is not None}
     if confirmed_anchor is not None:
         # The engine starts from the anchor: it sees it as its only candidate.
         ids = [confirmed_anchor.image_id]
         scores = [float(np.dot(confirmed_anchor.embedding, query_vector))]
         anchor_at = 0
-    cached = await in_gallery(gallery.get_vqa, ids, mllm.model_key)
+        cached = await in_gallery(gallery.get_vqa, ids, mllm.model_key)
     cache = GalleryVqaCache(cached)
 
     async def load(image_ids: Sequence[str]) -> list[np.ndarray]:
@@ -128,38 +131,48 @@ async def thi_search(
         )
     except TimeoutError:
         outcome = ThiOutcome(fallback_reason=f"{MLLM_TIMEOUT}: limit {mllm_timeout_s:g} s")
-    if cache.new:
-        await in_gallery(gallery.put_vqa, cache.new, mllm.model_key)
     if outcome.anchor is None:
+        if cache.new:
+            await in_gallery(gallery.put_vqa, cache.new, mllm.model_key)
         return ThiSearchResult(base_hits[:top_k], outcome, candidates, True)
 
-    refined_vector = (await encode_texts([outcome.refined_query]))[0]
-    with stage("gallery_search"):
-        refined_hits: list[GalleryHit] = await in_gallery(
-            gallery.search, refined_vector, pool_n, where
-        )
-    by_id = {h.image_id: h for h in [*refined_hits, *base_hits]}
+    # The new answers are cached while the refined query is encoded (both need only them).
+    async def cache_answers() -> None:
+        if cache.new:
+            await in_gallery(gallery.put_vqa, cache.new, mllm.model_key)
+
+    refined, _ = await asyncio.gather(encode_texts([outcome.refined_query]), cache_answers())
+    refined_vector = np.asarray(refined[0], dtype=np.float32)
     anchor_id = ids[outcome.anchor]
+    # The anchor's fused score: its refined score is pinned to 1 (method step 5).
+    anchor_score = params.lam * scores[outcome.anchor] + (1.0 - params.lam) * 1.0
+    anchor_hit = next((h for h in candidates if h.image_id == anchor_id), None)
     a = confirmed_anchor
-    if a is not None and a.image_id not in by_id and where.matches(a.camera_id, a.captured_at_ms):
-        by_id[a.image_id] = GalleryHit(
-            a.image_id, a.camera_id, a.captured_at_ms, a.track_id, a.image_uri, 0.0
-        )
-    pool = list(by_id)
+    if a is not None:
+        anchor_hit = None
+        if where.matches(a.camera_id, a.captured_at_ms):  # outside the filter: not returned
+            anchor_hit = GalleryHit(
+                a.image_id, a.camera_id, a.captured_at_ms, a.track_id, a.image_uri, 0.0
+            )
     with stage("fusion"):
-        records = await in_gallery(gallery.fetch, pool)
-        emb = np.stack([r.embedding for r in records])
-        pool = [r.image_id for r in records]
-        anchor_index = pool.index(anchor_id) if anchor_id in pool else None
-        fused = fuse(emb @ query_vector, emb @ refined_vector, anchor_index, params.lam)
-        order = np.argsort(-fused, kind="stable")[:top_k]
-    hits = [replace(by_id[pool[i]], score=float(fused[i])) for i in order]
-    # Exact when nothing outside both lists could outscore the k-th hit.
-    bound = -np.inf
-    if len(base_hits) == pool_n and len(refined_hits) == pool_n:
-        bound = params.lam * base_hits[-1].score + (1 - params.lam) * refined_hits[-1].score
-    exact = len(hits) == 0 or hits[-1].score >= bound
-    return ThiSearchResult(hits, outcome, candidates, bool(exact), anchor_id)
+        fused_vector = params.lam * np.asarray(query_vector, dtype=np.float64) + (
+            1.0 - params.lam
+        ) * refined_vector.astype(np.float64)
+        norm = float(np.linalg.norm(fused_vector))
+        if norm < MIN_FUSED_NORM:  # every non-anchor image scores ~0: keep the base order
+            fused_vector, norm = np.asarray(query_vector, dtype=np.float64), 0.0
+            direction = fused_vector / np.linalg.norm(fused_vector)
+        else:
+            direction = fused_vector / norm
+        # One more than asked: the anchor may be among them and is put in at its own score.
+        found: list[GalleryHit] = await in_gallery(
+            gallery.search, direction.astype(np.float32), top_k + 1, where
+        )
+        fused = [replace(h, score=norm * h.score) for h in found if h.image_id != anchor_id]
+        if anchor_hit is not None:
+            fused.append(replace(anchor_hit, score=anchor_score))
+        fused.sort(key=lambda h: -h.score)  # stable: the gallery's order among equal scores
+    return ThiSearchResult(fused[:top_k], outcome, candidates, True, anchor_id)
 
 
-__all__ = ["POOL", "GalleryVqaCache", "ThiSearchResult", "thi_search"]
+__all__ = ["MIN_FUSED_NORM", "GalleryVqaCache", "ThiSearchResult", "thi_search"]
