@@ -75,6 +75,8 @@ class GalleryHit:
     track_id: str
     image_uri: str
     score: float
+    # The cached VQA answers under the model key the search asked for (None: none cached).
+    vqa: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,12 @@ class Gallery(Protocol):
         """Store rows; a row with an existing id replaces it (and its cached VQA answers)."""
         ...
 
-    def search(self, vector: np.ndarray, top_k: int, where: GalleryFilter) -> list[GalleryHit]: ...
+    def search(
+        self, vector: np.ndarray, top_k: int, where: GalleryFilter, vqa_model_key: str = ""
+    ) -> list[GalleryHit]:
+        """The top_k rows by inner product; with `vqa_model_key`, each hit also carries the
+        VQA answers cached under that key (THI reads them with the base ranking)."""
+        ...
 
     def delete(self, image_ids: Sequence[str], where: GalleryFilter) -> list[str]:
         """Remove the listed ids, or every row matching `where`; returns the ids removed."""

@@ -401,16 +401,22 @@ class MilvusGallery:
         self._flush_pending(at_least=LITE_FLUSH_ROWS)
 
     @_milvus_call("search")
-    def search(self, vector: np.ndarray, top_k: int, where: GalleryFilter) -> list[GalleryHit]:
+    def search(
+        self, vector: np.ndarray, top_k: int, where: GalleryFilter, vqa_model_key: str = ""
+    ) -> list[GalleryHit]:
         vec = self._vector(vector, "query")
         self._flush_pending()
+        if vqa_model_key:
+            _check_model_key(vqa_model_key)
         ef = max(top_k, self.search_ef if where.empty else self.filtered_search_ef)
         result = self._client.search(
             self.collection,
             data=[vec],
             limit=top_k,
             filter=filter_expression(where),
-            output_fields=META_FIELDS,  # never omit: Lite would return the vectors
+            # Never omit: Lite would return the vectors. The cached answers come with the hits
+            # when asked for (Lite reads the whole row of a hit anyway; one call, not two).
+            output_fields=[*META_FIELDS, "vqa"] if vqa_model_key else META_FIELDS,
             search_params={"metric_type": METRIC, "params": {"ef": ef}},
             consistency_level=self._consistency(),
             timeout=call_timeout(),
@@ -418,6 +424,7 @@ class MilvusGallery:
         hits = []
         for hit in result[0]:
             e = hit["entity"]
+            answers = _load_vqa(e["vqa"]).get(vqa_model_key) if vqa_model_key else None
             hits.append(
                 GalleryHit(
                     image_id=str(hit.id),
@@ -426,6 +433,7 @@ class MilvusGallery:
                     track_id=e["track_id"],
                     image_uri=e["image_uri"],
                     score=float(hit.distance),
+                    vqa=tuple(str(a) for a in answers) if answers is not None else None,
                 )
             )
         return hits

@@ -33,7 +33,9 @@ class MemoryGallery:
             self._rows[r.image_id] = replace(r, embedding=vector)
             self._vqa.pop(r.image_id, None)
 
-    def search(self, vector: np.ndarray, top_k: int, where: GalleryFilter) -> list[GalleryHit]:
+    def search(
+        self, vector: np.ndarray, top_k: int, where: GalleryFilter, vqa_model_key: str = ""
+    ) -> list[GalleryHit]:
         rows = [r for r in self._rows.values() if self._matches(r, where)]
         if not rows:
             return []
@@ -47,9 +49,14 @@ class MemoryGallery:
                 track_id=rows[i].track_id,
                 image_uri=rows[i].image_uri,
                 score=float(scores[i]),
+                vqa=self._answers(rows[i].image_id, vqa_model_key),
             )
             for i in order
         ]
+
+    def _answers(self, image_id: str, model_key: str) -> tuple[str, ...] | None:
+        key, answers = self._vqa.get(image_id, ("", []))
+        return tuple(answers) if model_key and key == model_key else None
 
     def delete(self, image_ids: Sequence[str], where: GalleryFilter) -> list[str]:
         if image_ids:
