@@ -82,3 +82,32 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+class EncodedImage(np.ndarray):
+    """RGB pixels that keep the bytes they were decoded from (`encoded`), read-only.
+
+    A transport that sends encoded images (Triton's `mllm` model takes PNG/JPEG bytes) passes
+    `encoded` on as it is instead of encoding the pixels again: a stored crop reaches the MLLM
+    without a decode-encode round trip. Views and copies are plain arrays without `encoded`
+    (their pixels may differ), and the pixels cannot be changed in place.
+    """
+
+    encoded: bytes | None
+
+    @classmethod
+    def decode(cls, data: bytes) -> EncodedImage:
+        with Image.open(io.BytesIO(data)) as img:
+            pixels = np.asarray(img.convert("RGB"))
+        out = pixels.view(cls)
+        out.encoded = data
+        out.flags.writeable = False
+        return out
+
+    def __array_finalize__(self, obj: object) -> None:
+        self.encoded = None
+
+
+def encoded_bytes(image: np.ndarray) -> bytes | None:
+    """The bytes `image` was decoded from, when it is an EncodedImage that still has them."""
+    return image.encoded if isinstance(image, EncodedImage) else None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import io
 import os
 import secrets
 import sys
@@ -24,7 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from icl.images import EncodedImage
 
 
 class CropMissing(LookupError):
@@ -83,16 +83,16 @@ class CropStore:
                 os.close(fd)
 
     def load(self, image_ids: Sequence[str]) -> list[np.ndarray]:
-        """RGB uint8 arrays at the crops' own size, in the given order."""
-        out = []
+        """RGB uint8 arrays at the crops' own size, in the given order; each keeps the bytes
+        it was decoded from (`EncodedImage`), so the MLLM client sends them as they are."""
+        out: list[np.ndarray] = []
         for image_id in image_ids:
             path = self._path(image_id)
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
                 raise CropMissing(f"no stored crop for image {image_id!r}") from None
-            with Image.open(io.BytesIO(data)) as img:
-                out.append(np.asarray(img.convert("RGB")))
+            out.append(EncodedImage.decode(data))
         return out
 
     def read(self, image_id: str) -> bytes | None:

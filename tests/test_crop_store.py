@@ -51,3 +51,27 @@ def test_a_failed_batch_leaves_no_temp_files(tmp_path):
     with pytest.raises(CropMissing):  # nothing of the failed batch is visible
         store.load(["new"])
     assert store.load(["keep"])[0].shape == (16, 8, 3)
+
+
+def test_loaded_crops_keep_the_bytes_they_were_enrolled_with(tmp_path):
+    """THI's MLLM client sends these bytes as they are (no decode-encode round trip), so they
+    must be exactly what was stored, and only the unchanged array may carry them."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from icl.images import encoded_bytes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 16), (200, 30, 60)).save(buf, format="JPEG", quality=90)
+    stored = {"png": _png(5), "jpeg": buf.getvalue()}
+    store = CropStore(tmp_path / "crops")
+    store.put_many(stored.items())
+    for (name, data), image in zip(stored.items(), store.load(list(stored)), strict=True):
+        assert encoded_bytes(image) == data, name
+        with Image.open(io.BytesIO(data)) as img:
+            assert (np.asarray(img.convert("RGB")) == image).all()
+        assert not image.flags.writeable  # the pixels cannot drift from the bytes
+        assert encoded_bytes(image[1:]) is None and encoded_bytes(image.copy()) is None
+        assert encoded_bytes(np.asarray(image)) is None

@@ -92,6 +92,32 @@ def test_score_matches_in_process(mllm_server, local) -> None:
     np.testing.assert_allclose(one_prompt, local.score(images, PROMPTS[:1]), atol=1e-5)
 
 
+def test_stored_crops_travel_as_they_were_enrolled(mllm_server, local, monkeypatch) -> None:
+    """A crop from the crop store (an EncodedImage) goes to Triton as its stored bytes, here
+    JPEG: nothing is encoded again, and P(Yes) is the in-process one on the same pixels."""
+    import io
+
+    from PIL import Image
+
+    import icl.orchestrator.triton.mllm as client_module
+    from icl.images import EncodedImage
+
+    stored = []
+    for image in crops():
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=85)
+        stored.append(EncodedImage.decode(buf.getvalue()))
+
+    def no_encoding(image):
+        raise AssertionError("a stored crop was encoded again")
+
+    monkeypatch.setattr(client_module, "encode_png", no_encoding)
+    served = run(lambda c: c.score(stored, PROMPTS), mllm_server.grpc_url)
+    np.testing.assert_allclose(
+        served, local.score([np.asarray(s) for s in stored], PROMPTS), atol=1e-5
+    )
+
+
 def test_generate_matches_in_process_and_streams(mllm_server, local) -> None:
     image = crops()[2]
 

@@ -1,8 +1,9 @@
 """The async `Mllm` contract over Triton's `mllm` model (tritonclient gRPC asyncio, streaming).
 
 Each call opens one gRPC stream carrying one request and reads responses until the one
-flagged final (the model's tensor contract is in docs/mllm.md). Crops travel as PNG bytes:
-lossless, so the server sees exactly the client's pixels, and a few kB per 224x224 crop.
+flagged final (the model's tensor contract is in docs/mllm.md). Crops travel encoded: a crop
+from the crop store as the bytes it was enrolled with (`icl.images.EncodedImage`), any other
+array as PNG (lossless, so the server sees exactly the client's pixels).
 
 Errors: `MllmUnavailable` when the answer cannot be had (server down, model missing or not
 ready, timeout, the backend failed): THI then keeps the base ranking. `MllmRequestError` when
@@ -22,6 +23,7 @@ import tritonclient.grpc.aio as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from icl.images import encoded_bytes
 from icl.orchestrator.logs import current_request_id
 from icl.orchestrator.triton import readiness
 
@@ -117,7 +119,8 @@ class TritonMllm:
         `encoded_images` (already encoded bytes, possibly none) is given."""
         inputs = [_bytes_input("TASK", [task.encode()])]
         if encoded_images is None and images:
-            encoded_images = [encode_png(im) for im in images]
+            # A stored crop goes as the bytes it was enrolled with: no decode-encode round trip.
+            encoded_images = [encoded_bytes(im) or encode_png(im) for im in images]
         if encoded_images is not None:
             inputs.append(_bytes_input("IMAGES", encoded_images))
         if prompts:
