@@ -20,6 +20,11 @@ from icl.mllm.registry import BACKENDS, NEEDS_PATH
 
 MLLM_MODEL = "mllm"
 KINDS = ("KIND_CPU", "KIND_GPU")
+# Torch intra-op threads per instance when none are given (0: torch's default, all cores).
+# The demo model is a small CNN on one 128x48 crop at a time: a second thread gains little
+# and, under load, fights the encoders, the service and Milvus for the same cores (a yes/no
+# call took 95 ms with 2 threads against 10 ms with 1 on a busy 2-core machine).
+DEFAULT_THREADS = {"demo": 1}
 
 
 def mllm_config(
@@ -29,12 +34,15 @@ def mllm_config(
     name: str = MLLM_MODEL,
     instances: int = 1,
     kind: str = "KIND_CPU",
-    threads: int = 0,
+    threads: int | None = None,
     options: dict[str, Any] | None = None,
     max_images: int = 64,
     max_tokens_limit: int = 1024,
 ) -> mc.ModelConfig:
-    """Triton's ModelConfig; raises ValueError on settings the model would refuse at load."""
+    """Triton's ModelConfig; raises ValueError on settings the model would refuse at load.
+    `threads` None: the backend's default (DEFAULT_THREADS)."""
+    if threads is None:
+        threads = DEFAULT_THREADS.get(backend, 0)
     if backend not in BACKENDS:
         raise ValueError(f"unknown MLLM backend {backend!r}; known: {sorted(BACKENDS)}")
     if backend in NEEDS_PATH and not path:
@@ -92,7 +100,7 @@ def write_mllm_model(
     instances: int = 1,
     name: str = MLLM_MODEL,
     kind: str = "KIND_CPU",
-    threads: int = 0,
+    threads: int | None = None,
     options: dict[str, Any] | None = None,
     max_images: int = 64,
     max_tokens_limit: int = 1024,

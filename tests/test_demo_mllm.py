@@ -60,3 +60,29 @@ def test_train_mllm_command(tmp_path: Path) -> None:
     assert len(parse_answers(model.generate([np.zeros((128, 48, 3), np.uint8)], VQA_PROMPT))) == 15
     bad = CliRunner().invoke(app, ["train-mllm", "--data", str(tmp_path), "--out", str(out)])
     assert bad.exit_code == 2 and "attributes.json" in bad.output
+
+
+def test_served_caches_answer_as_the_networks_do() -> None:
+    """The served model remembers what it read per crop and per text; with the caches on,
+    every score and answer equals the networks' own, whatever the batches, and the caches stay
+    within their bounds."""
+    served = load_demo_backend()
+    plain = load_demo_backend()
+    plain.cache(0, 0)
+    rng = np.random.default_rng(3)
+    people = [sample_person(rng, i) for i in range(12)]
+    images = [render(p, rng) for p in people]
+    captions = [anchor_prompt(caption_with_mentions(p, rng)[0]) for p in people]
+    for _ in range(3):  # repeated crops and texts in changing batches: hits and misses mixed
+        pick = rng.choice(12, size=5)
+        got = served.score([images[i] for i in pick], [captions[i] for i in pick[::-1]])
+        want = plain.score([images[i] for i in pick], [captions[i] for i in pick[::-1]])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        assert served.answers(images[pick[0]]) == plain.answers(images[pick[0]])
+    small = load_demo_backend()
+    small.cache(2, 1)
+    small.score(images[:5], captions[:5])
+    assert len(small._image_cache._data) == 2 and len(small._text_cache._data) == 1
+    np.testing.assert_allclose(
+        small.score(images[:5], captions[:5]), plain.score(images[:5], captions[:5]), atol=1e-6
+    )

@@ -13,6 +13,11 @@ attribute distributions alone (the query is not shown, as in the paper). Neither
 reads the generator's labels at inference; they were only used as training targets.
 There is no free-text generation: `can_generate` is False and THI merges the answers into
 the refined query deterministically.
+
+A served model keeps what it read from each crop (the attribute distributions, keyed by a
+digest of the pixels) and from each text: THI asks about the same gallery crops again and
+again, and the yes/no walk asks the same query once per candidate. The image side of a real
+VLM has the same property (its vision encoder output depends on the image alone).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,8 +213,44 @@ QUESTION_ATTRIBUTES: tuple[tuple[str, ...], ...] = (
 )
 
 
+class _Lru:
+    """A bounded least-recently-used map, safe across the serving threads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+def _pixels_key(image: np.ndarray) -> tuple[tuple[int, ...], bytes]:
+    pixels = np.ascontiguousarray(image)
+    return pixels.shape, hashlib.blake2b(pixels.data, digest_size=16).digest()
+
+
+# What a served model remembers (icl.mllm.demo docstring): about 1 kB per crop or text.
+SERVED_CACHE_IMAGES = 16384
+SERVED_CACHE_TEXTS = 4096
+
+
 class DemoMllm:
-    """`MllmBackend` over the two networks. Thread-compatible (torch no_grad, eval mode)."""
+    """`MllmBackend` over the two networks. Thread-compatible (torch no_grad, eval mode).
+
+    `cache(images, texts)` turns on the per-crop and per-text caches (off by default: a model
+    still being trained must not answer from what it read before its last step)."""
 
     can_generate = False
     can_stop = True  # score() and generate() take `should_stop` (icl.mllm.contract)
@@ -231,17 +274,59 @@ class DemoMllm:
         self.model_key = key
         self.min_confidence = min_confidence
         self.tokenizer = ClipTokenizer(CONTEXT)
+        self._image_cache: _Lru | None = None
+        self._text_cache: _Lru | None = None
+
+    def cache(self, images: int, texts: int) -> None:
+        """Remember up to `images` crops' and `texts` texts' distributions (0: no cache)."""
+        self._image_cache = _Lru(images) if images > 0 else None
+        self._text_cache = _Lru(texts) if texts > 0 else None
+
+    @staticmethod
+    def _cached(
+        cache: _Lru | None,
+        keys: list[Any],
+        compute: Callable[[list[int]], list[np.ndarray]],
+    ) -> list[np.ndarray]:
+        """Per attribute [N, values + 1]: rows from `cache` where known, the rest from
+        `compute(indices)` (per attribute, rows in the order of `indices`)."""
+        rows: list[list[np.ndarray] | None] = [
+            cache.get(k) if cache is not None else None for k in keys
+        ]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            fresh = compute(missing)
+            for j, i in enumerate(missing):
+                rows[i] = [p[j].copy() for p in fresh]
+                if cache is not None:
+                    cache.put(keys[i], rows[i])
+        return [np.stack([r[a] for r in rows if r is not None]) for a in range(len(rows[0] or []))]
 
     # -- the two networks ------------------------------------------------------------------
-    @torch.no_grad()
     def image_probs(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Per attribute [N, values + 1] probabilities (last column: unseen)."""
+        if self._image_cache is None:
+            return self._image_probs(images)
+        keys = [_pixels_key(i) for i in images]
+        return self._cached(
+            self._image_cache, keys, lambda idx: self._image_probs([images[i] for i in idx])
+        )
+
+    def text_probs(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Per attribute [N, values + 1] probabilities (last column: not mentioned)."""
+        if self._text_cache is None:
+            return self._text_probs(texts)
+        return self._cached(
+            self._text_cache, list(texts), lambda idx: self._text_probs([texts[i] for i in idx])
+        )
+
+    @torch.no_grad()
+    def _image_probs(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         batch = torch.from_numpy(np.stack([resize_crop(i) for i in images]))
         return [p.softmax(dim=1).numpy() for p in split_heads(self.attributes(batch))]
 
     @torch.no_grad()
-    def text_probs(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Per attribute [N, values + 1] probabilities (last column: not mentioned)."""
+    def _text_probs(self, texts: Sequence[str]) -> list[np.ndarray]:
         ids = torch.from_numpy(self.tokenizer(texts))
         return [p.softmax(dim=1).numpy() for p in split_heads(self.parser(ids))]
 
@@ -370,7 +455,8 @@ def load_demo_mllm(path: Path) -> DemoMllm:
 
 
 def load_demo_backend(path: str | Path | None = None, delay_s: float = 0.0) -> DemoMllm:
-    """A demo MLLM weights file; by default the committed one (icl/demo/mllm.pt).
+    """A demo MLLM weights file (by default the committed one, icl/demo/mllm.pt), ready to
+    serve: with its per-crop and per-text caches on.
 
     `delay_s` > 0 is a test hook: every call then takes at least that long (DemoMllm.delay_s)."""
     from icl.demo import demo_path
@@ -379,6 +465,7 @@ def load_demo_backend(path: str | Path | None = None, delay_s: float = 0.0) -> D
     if delay_s < 0:
         raise ValueError(f"delay_s must be >= 0, not {delay_s}")
     model.delay_s = float(delay_s)
+    model.cache(SERVED_CACHE_IMAGES, SERVED_CACHE_TEXTS)
     return model
 
 
