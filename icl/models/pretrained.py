@@ -79,7 +79,7 @@ def state_hash(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     for name, tensor in sorted(tensors, key=lambda item: item[0]):
         t = tensor.detach().contiguous().cpu()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -315,6 +315,9 @@ class HfTextBackbone(_PartlyFrozen):
     def __init__(self, cfg: HfTextTower, embed_dim: int, context_length: int) -> None:
         super().__init__()
         from transformers import AutoModel  # heavy import, only for this tower
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per load: noise in training logs
 
         directory = resolve_resource(cfg.path)
         if not (directory / "config.json").is_file():
