@@ -102,6 +102,10 @@ class TextBranch(_Branch):
     def parts_from_fixed(
         self, input_ids: torch.Tensor, fixed: tuple[torch.Tensor, ...]
     ) -> Embeddings:
+        """`parts(input_ids)` given `encode_fixed(input_ids)`."""
+        selected = getattr(self.tower, "from_fixed_selected", None)
+        if self.tse is not None and selected is not None:
+            return self._embed(selected(input_ids, fixed, min(self.tse.k, input_ids.shape[1])))
         return self._embed(self.tower.from_fixed(input_ids, fixed))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

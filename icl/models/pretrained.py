@@ -399,6 +399,27 @@ class HfTextBackbone(_PartlyFrozen):
     def forward(self, input_ids: torch.Tensor) -> TowerOutput:
         return self.from_fixed(input_ids, self.encode_fixed(input_ids))
 
+    def from_fixed_selected(
+        self, input_ids: torch.Tensor, fixed: tuple[torch.Tensor, ...], k: int
+    ) -> TowerOutput:
+        """`from_fixed` as BGE and a TSE head picking `k` tokens see it, projecting only
+        the k tokens TSE picks (the projection is linear, so the mean of projected tokens
+        is the projection of the mean): the cached text path, at a fraction of the cost.
+        Tokens, scores and valid hold the k picks in TSE's order."""
+        hidden, scores = fixed
+        present = input_ids != self.pad_id
+        mask = present.unsqueeze(-1).to(hidden.dtype)
+        pooled = self.proj((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0))
+        valid = present
+        for special in self.special_ids:
+            valid = valid & (input_ids != special)
+        top = scores.masked_fill(~valid, -1.0).topk(k, dim=-1).indices
+        picked = torch.gather(hidden, 1, top.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        tokens = self.proj(picked) * torch.gather(mask, 1, top.unsqueeze(-1))
+        return TowerOutput(
+            tokens, pooled, torch.gather(scores, 1, top), torch.gather(valid, 1, top)
+        )
+
 
 # --- tokenisation for any model ------------------------------------------------------------
 
