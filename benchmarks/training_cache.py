@@ -75,8 +75,10 @@ def epoch_seconds(history: list[dict]) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ids", type=int, default=100, help="synthetic identities (75%% train)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=machine_threads(), help="torch threads (default: cores)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=machine_threads(), help="torch threads (default: cores)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/training_cache.md")
     args = parser.parse_args()
     try:
