@@ -195,7 +195,7 @@ def test_cached_training_follows_the_uncached_loss_curve(
                 cache_features=cached,
                 cache_dir=str(tmp_path / "cache"),
                 threads=1,
-                **NO_AUG,
+                **{**NO_AUG, "flip": True},  # flips are cached as a second set
             ),
         )
         out = tmp_path / f"run-{cached}"
@@ -208,7 +208,8 @@ def test_cached_training_follows_the_uncached_loss_curve(
             show_progress=False,
         )
         histories.append([json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()])
-    assert len(list((tmp_path / "cache").iterdir())) == 4  # train + val, image + text
+    # train images, their mirror images, train captions, val images, val captions
+    assert len(list((tmp_path / "cache").iterdir())) == 5
     uncached, cached_run = histories
     for a, b in zip(uncached, cached_run, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)

@@ -226,6 +226,7 @@ class CachedFeatures:
 
     image: tuple[torch.Tensor, ...] | None = None  # row per image
     text: tuple[torch.Tensor, ...] | None = None  # row per pair
+    image_flipped: tuple[torch.Tensor, ...] | None = None  # the mirrored images (`flip`)
 
 
 def _batch_parts(
@@ -240,7 +241,16 @@ def _batch_parts(
     order whether or not features are cached (cached towers see no augmentation)."""
     images = pairs.image_of_pair[batch]
     if cached.image is not None:
-        img = model.image.parts_from_fixed(tuple(f[images] for f in cached.image))
+        fixed = tuple(f[images] for f in cached.image)
+        if cached.image_flipped is not None:
+            # The draw augment_images makes for `flip` (the only image augmentation a
+            # cached tower allows), so cached and uncached runs see the same flips.
+            flip = torch.rand(len(images), generator=gen) < 0.5
+            fixed = tuple(
+                torch.where(flip.view(-1, *[1] * (f.dim() - 1)), g[images], f)
+                for f, g in zip(fixed, cached.image_flipped, strict=True)
+            )
+        img = model.image.parts_from_fixed(fixed)
     else:
         img = model.image.parts(augment_images(pairs.pixels[images], cfg, gen))
     if cached.text is not None:
@@ -310,15 +320,14 @@ def cache_plan(model: DualEncoder, cfg: TrainConfig) -> tuple[bool, bool, list[s
     notes = []
     image = text = False
     if model.image.cacheable:
-        augmented = [
-            n for n, on in (("flip", cfg.flip), ("pad", cfg.pad), ("erasing", cfg.erasing)) if on
-        ]
+        # Flips are cached too (a second set of features); crops and erasing are not.
+        augmented = [n for n, on in (("pad", cfg.pad), ("erasing", cfg.erasing)) if on]
         if not cfg.cache_features:
             notes.append("image tower is frozen; cache_features = false: it runs every step")
         elif augmented:
             notes.append(
                 f"image tower is frozen but augmented ({', '.join(augmented)}): it runs every "
-                "step; set flip = false, pad = 0, erasing = 0 to cache its features"
+                "step; set pad = 0, erasing = 0 to cache its features (flips can stay)"
             )
         else:
             image = True
@@ -499,16 +508,15 @@ def train(
         if cache is not None:
             model.eval()
             started = time.perf_counter()
+            flips = cache_image and cfg.flip
             task = bars.task(
                 "caching frozen features",
-                total=(
-                    (len(pairs.pixels) if cache_image else 0)
-                    + (len(pairs.ids) if cache_text else 0)
-                ),
+                total=len(pairs.pixels) * (cache_image + flips) + len(pairs.ids) * cache_text,
             )
             cached = CachedFeatures(
                 cache.image_features(model, pairs.pixels, task.advance) if cache_image else None,
                 cache.text_features(model, pairs.ids, task.advance) if cache_text else None,
+                cache.image_features(model, pairs.pixels.flip(2), task.advance) if flips else None,
             )
             bars.log(
                 f"frozen features ({'image' if cache_image else ''}"
