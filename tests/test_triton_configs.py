@@ -240,7 +240,8 @@ def test_gpu_configs_carry_the_requested_settings(s: GpuServingSettings, demo_mo
 
 @pytest.mark.unit
 def test_mllm_configs_carry_the_requested_settings() -> None:
-    assert summary(parse(render_mllm_config("demo", None))) == mllm_expected()
+    # The demo model defaults to one torch thread (export/mllm_repository.DEFAULT_THREADS).
+    assert summary(parse(render_mllm_config("demo", None))) == mllm_expected(threads=1)
     options = {"b": [1, 'x"y'], "a": "é"}
     text = render_mllm_config(
         "qwen2vl",
