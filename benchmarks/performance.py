@@ -50,6 +50,7 @@ STAGE_METRIC = "icl_stage_duration_seconds"
 # grew more than KNEE_P95 times; the step before it is the knee.
 KNEE_RPS_GAIN = 1.10
 KNEE_P95 = 2.0
+MODE_LABEL = {"plain": "plain", "thi": "THI"}
 TARGETS = {
     "plain_p95_lite_10k_ms": 25.0,
     "plain_p95_server_100k_ms": 20.0,
@@ -327,7 +328,7 @@ class Service:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 300.0) -> Service:
+    def start(self, timeout_s: float = 600.0) -> Service:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -789,7 +790,7 @@ def render_report(results: Mapping[str, Any], images: Mapping[str, str]) -> str:
             for st in steps:
                 rows.append(
                     [
-                        mode,
+                        MODE_LABEL[mode],
                         st.users,
                         st.requests,
                         st.failures,
@@ -824,7 +825,7 @@ def render_report(results: Mapping[str, Any], images: Mapping[str, str]) -> str:
                 if best
                 else "no step without failures"
             )
-            lines.append(f"- {mode}: {where}; {top}.")
+            lines.append(f"- {MODE_LABEL[mode]}: {where}; {top}.")
         lines.append("")
     lines += [
         "### Where the time goes (per stage, from `icl_stage_duration_seconds`)",
@@ -848,7 +849,10 @@ def render_report(results: Mapping[str, Any], images: Mapping[str, str]) -> str:
                 n = r["stages"][mode]["requests"]
                 row.append(f"{d['mean_ms']:.1f} ({d['calls'] / n:.2f})" if d and n else "-")
             rows.append(row)
-        header = [f"{mode}: stage", *(f"{_stack_name(r)}: ms/call (calls/req)" for r in named)]
+        header = [
+            f"{MODE_LABEL[mode]}: stage",
+            *(f"{_stack_name(r)}: ms/call (calls/req)" for r in named),
+        ]
         lines += [md_table(header, rows, "".join(str(i + 1) for i in range(len(named)))), ""]
     lines += ["### Single user, and the service against its parts", ""]
     rows = []
@@ -947,10 +951,14 @@ def plot(results: Mapping[str, Any], out_dir: Path, doc_dir: Path) -> dict[str, 
                     label=f"{_stack_name(r)} p50",
                 )
                 rps.plot(users, [st.rps for st in steps], "-o", color=colour, label=_stack_name(r))
-            lat.set(title=f"{mode} Search latency", xlabel="users", ylabel="ms", yscale="log")
-            rps.set(title=f"{mode} Search throughput", xlabel="users", ylabel="requests/s")
+            label = MODE_LABEL[mode]
+            lat.set(title=f"{label} Search latency", xlabel="users", ylabel="ms", yscale="log")
+            rps.set(title=f"{label} Search throughput", xlabel="users", ylabel="requests/s")
+            ticks = sorted({st["users"] for r in stacks for st in r["steps"]})
             for ax in (lat, rps):
                 ax.set_xscale("log", base=2)
+                ax.set_xticks(ticks, [str(t) for t in ticks])
+                ax.minorticks_off()
                 ax.grid(True, alpha=0.3)
                 ax.legend(fontsize=7)
         fig.tight_layout()
@@ -979,7 +987,7 @@ def plot(results: Mapping[str, Any], out_dir: Path, doc_dir: Path) -> dict[str, 
                 )
             ax.set_yticks([j + 0.4 - height / 2 for j in range(len(names))], names)
             ax.invert_yaxis()
-            ax.set(title=f"{mode} Search: mean ms per stage call", xlabel="ms")
+            ax.set(title=f"{MODE_LABEL[mode]} Search: mean ms per stage call", xlabel="ms")
             ax.grid(True, axis="x", alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()

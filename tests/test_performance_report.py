@@ -159,3 +159,41 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert verdicts[2:] == ["**met**", "**not met**", "**met**", "**not met**"]
     only_lite = {"stacks": results["stacks"][:1]}
     assert perf._target_rows(only_lite)[1][2] == "not measured"
+
+
+def test_report_renders_every_section() -> None:
+    stack = _stack(10_000, "lite", p95=24, plain=10, thi=29)
+    stack["stages"] = {
+        "plain": {"requests": 100, "stages": {"text_encode": {"calls": 100, "mean_ms": 3.0}}}
+    }
+    stack["rss_mb"] = {"tritonserver": 44.0, "icl serve (+ Milvus Lite)": 280.0}
+    results = {
+        "date": "2026-01-01 00:00 UTC",
+        "duration_s": 600,
+        "machine": {
+            "cpu": "CPU",
+            "cores": "2",
+            "ram_gib": "24",
+            "python": "3.11",
+            "load_start": "1.0",
+            "milvus": "2.3.5",
+            "milvus-lite": "3.2.2",
+            "pymilvus": "3.0.2",
+            "locust": "2.47.0",
+        },
+        "settings": {
+            "modes": ["plain"],
+            "users": [1, 2],
+            "step_s": 15,
+            "seq_queries": 10,
+            "demo_images": 300,
+            "query_count": 100,
+        },
+        "stacks": [stack],
+    }
+    text = perf.render_report(results, {"Latency": "performance/performance-latency.png"})
+    assert "| plain | 2 | 100 | 0 | 90.0 | 12 | 24 | 36 |" in text
+    assert "- plain: no knee up to 2 users" in text
+    assert "| text_encode | 3.0 (1.00) |" in text
+    assert "| icl serve (+ Milvus Lite) | 280 |" in text
+    assert "![Latency](performance/performance-latency.png)" in text
