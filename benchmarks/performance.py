@@ -415,9 +415,9 @@ def _bare_search_worker(uri: str, collection: str, vectors: np.ndarray) -> list[
     if gallery.local:
         g._lite_settle(gallery)
     client = gallery._client  # pymilvus' MilvusClient, without the adapter around it
-    warm = 20
+    warm = list(vectors[:20])
     times = []
-    for i, vec in enumerate([*vectors[:warm], *vectors]):
+    for i, vec in enumerate([*warm, *vectors]):
         t = time.perf_counter()
         client.search(
             collection,
@@ -428,7 +428,7 @@ def _bare_search_worker(uri: str, collection: str, vectors: np.ndarray) -> list[
             search_params={"metric_type": METRIC, "params": {"ef": max(TOP_K, SEARCH_EF)}},
             consistency_level=CONSISTENCY,
         )
-        if i >= warm:
+        if i >= len(warm):
             times.append(1000 * (time.perf_counter() - t))
     gallery.close()
     _release_lite()
@@ -450,14 +450,15 @@ def bare_triton_text(url: str, queries: Sequence[str]) -> tuple[list[float], np.
 
     client = tc.InferenceServerClient(url)
     times, vectors = [], []
-    for i, text in enumerate([*queries[:5], *queries]):
+    warm = list(queries[:5])
+    for i, text in enumerate([*warm, *queries]):
         data = np.array([[text.encode("utf-8")]], dtype=np.object_)
         inp = tc.InferInput("TEXT", list(data.shape), "BYTES")
         inp.set_data_from_numpy(data)
         t = time.perf_counter()
         result = client.infer("text_encoder", [inp], outputs=[tc.InferRequestedOutput("EMBEDDING")])
         elapsed = 1000 * (time.perf_counter() - t)
-        if i >= 5:
+        if i >= len(warm):
             times.append(elapsed)
             vectors.append(result.as_numpy("EMBEDDING")[0])
     client.close()
@@ -600,8 +601,18 @@ def run_stack(
                 "stages": {k: v.__dict__ for k, v in stage_diff(first, last).items()},
             }
         # Sequential single-user searches, then the bare parts, close together in time.
+        scrapes = [histogram_totals(service.metrics(), STAGE_METRIC, "stage")]
         plain, _ = sequential(service.address, seq_queries, thi=False)
+        scrapes.append(histogram_totals(service.metrics(), STAGE_METRIC, "stage"))
         thi, thi_failed = sequential(service.address, seq_queries, thi=True)
+        scrapes.append(histogram_totals(service.metrics(), STAGE_METRIC, "stage"))
+        result["stages_seq"] = {
+            mode: {
+                "requests": len(seq_queries),
+                "stages": {k: v.__dict__ for k, v in stage_diff(a, b).items()},
+            }
+            for mode, a, b in (("plain", *scrapes[:2]), ("thi", *scrapes[1:]))
+        }
         text_ms, vectors = bare_triton_text(triton.grpc_url, seq_queries)
         rss.sample()
         service.stop()
@@ -759,6 +770,29 @@ def _target_rows(results: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _stage_table(results: Mapping[str, Any], key: str, mode: str, when: str) -> list[str]:
+    """One stage table: a row per stage, a column per stack (mean ms per call, calls/req)."""
+    named = [r for r in results["stacks"] if mode in r.get(key, {})]
+    stages: list[str] = []
+    for r in named:
+        stages += [k for k in r[key][mode]["stages"] if k not in stages]
+    if not stages:
+        return []
+    rows = []
+    for stage in stages:
+        row = [stage]
+        for r in named:
+            d = r[key][mode]["stages"].get(stage)
+            n = r[key][mode]["requests"]
+            row.append(f"{d['mean_ms']:.1f} ({d['calls'] / n:.2f})" if d and n else "-")
+        rows.append(row)
+    header = [
+        f"{MODE_LABEL[mode]}, {when}: stage",
+        *(f"{_stack_name(r)}: ms/call (calls/req)" for r in named),
+    ]
+    return [md_table(header, rows, "".join(str(i + 1) for i in range(len(named)))), ""]
+
+
 def render_report(results: Mapping[str, Any], images: Mapping[str, str]) -> str:
     """The generated part of docs/PERFORMANCE.md."""
     m, s = results["machine"], results["settings"]
@@ -836,30 +870,15 @@ def render_report(results: Mapping[str, Any], images: Mapping[str, str]) -> str:
     lines += [
         "### Where the time goes (per stage, from `icl_stage_duration_seconds`)",
         "",
-        "Mean ms per call of each stage the service timed during the Locust runs of a mode "
-        "(difference of /metrics scrapes before and after), and calls per request.",
+        "Mean ms per call of each stage the service timed, and calls per request: from the "
+        "difference of /metrics scrapes before and after the sequential single-user "
+        "searches, and before and after the Locust runs of a mode (every user count, so "
+        "stages wait for the CPU the other users hold).",
         "",
     ]
-    for mode in s["modes"]:
-        named = [r for r in results["stacks"] if mode in r.get("stages", {})]
-        stages: list[str] = []
-        for r in named:
-            stages += [k for k in r["stages"][mode]["stages"] if k not in stages]
-        if not stages:
-            continue
-        rows = []
-        for stage in stages:
-            row = [stage]
-            for r in named:
-                d = r["stages"][mode]["stages"].get(stage)
-                n = r["stages"][mode]["requests"]
-                row.append(f"{d['mean_ms']:.1f} ({d['calls'] / n:.2f})" if d and n else "-")
-            rows.append(row)
-        header = [
-            f"{MODE_LABEL[mode]}: stage",
-            *(f"{_stack_name(r)}: ms/call (calls/req)" for r in named),
-        ]
-        lines += [md_table(header, rows, "".join(str(i + 1) for i in range(len(named)))), ""]
+    for key, when in (("stages_seq", "single user"), ("stages", "under load, Locust")):
+        for mode in s["modes"]:
+            lines += _stage_table(results, key, mode, when)
     lines += ["### Single user, and the service against its parts", ""]
     rows = []
     for r in results["stacks"]:
@@ -972,17 +991,19 @@ def plot(results: Mapping[str, Any], out_dir: Path, doc_dir: Path) -> dict[str, 
         fig.savefig(path, dpi=110)
         plt.close(fig)
         images["Latency and throughput against users"] = os.path.relpath(path, doc_dir)
-    staged = [r for r in results["stacks"] if r.get("stages")]
+    key = "stages_seq" if any(r.get("stages_seq") for r in results["stacks"]) else "stages"
+    when = "single user" if key == "stages_seq" else "under load"
+    staged = [r for r in results["stacks"] if r.get(key)]
     if staged:
         fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 5), squeeze=False)
         for col, mode in enumerate(modes):
             ax = axes[0][col]
             names: list[str] = []
             for r in staged:
-                names += [k for k in r["stages"].get(mode, {}).get("stages", {}) if k not in names]
+                names += [k for k in r[key].get(mode, {}).get("stages", {}) if k not in names]
             height = 0.8 / max(1, len(staged))
             for i, r in enumerate(staged):
-                data = r["stages"].get(mode, {}).get("stages", {})
+                data = r[key].get(mode, {}).get("stages", {})
                 ys = [j + i * height for j in range(len(names))]
                 ax.barh(
                     ys,
@@ -993,7 +1014,7 @@ def plot(results: Mapping[str, Any], out_dir: Path, doc_dir: Path) -> dict[str, 
                 )
             ax.set_yticks([j + 0.4 - height / 2 for j in range(len(names))], names)
             ax.invert_yaxis()
-            ax.set(title=f"{MODE_LABEL[mode]} Search: mean ms per stage call", xlabel="ms")
+            ax.set(title=f"{MODE_LABEL[mode]} Search, {when}: ms per stage call", xlabel="ms")
             ax.grid(True, axis="x", alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()

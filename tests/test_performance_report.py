@@ -166,6 +166,9 @@ def test_report_renders_every_section() -> None:
     stack["stages"] = {
         "plain": {"requests": 100, "stages": {"text_encode": {"calls": 100, "mean_ms": 3.0}}}
     }
+    stack["stages_seq"] = {
+        "plain": {"requests": 10, "stages": {"gallery_search": {"calls": 10, "mean_ms": 7.25}}}
+    }
     stack["rss_mb"] = {"tritonserver": 44.0, "icl serve (+ Milvus Lite)": 280.0}
     results = {
         "date": "2026-01-01 00:00 UTC",
@@ -194,6 +197,9 @@ def test_report_renders_every_section() -> None:
     text = perf.render_report(results, {"Latency": "performance/performance-latency.png"})
     assert "| plain | 2 | 100 | 0 | 90.0 | 12 | 24 | 36 |" in text
     assert "- plain: no knee up to 2 users" in text
-    assert "| text_encode | 3.0 (1.00) |" in text
+    load = text.index("| plain, under load, Locust: stage |")
+    single = text.index("| plain, single user: stage |")
+    assert text.index("| text_encode | 3.0 (1.00) |") > load > text.index("| gallery_search | 7.2")
+    assert single < load
     assert "| icl serve (+ Milvus Lite) | 280 |" in text
     assert "![Latency](performance/performance-latency.png)" in text
