@@ -359,6 +359,23 @@ class Service:
         with urllib.request.urlopen(url, timeout=10) as reply:
             return reply.read().decode()
 
+    def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Until no call is in flight (a THI search whose Locust client stopped still runs to
+        its end and would land in the next scrape window)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            busy = sum(
+                sample.value
+                for family in text_string_to_metric_families(self.metrics())
+                if family.name == "icl_requests_in_flight"
+                for sample in family.samples
+            )
+            if busy == 0:
+                return
+            time.sleep(0.2)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -589,11 +606,13 @@ def run_stack(
         sequential(service.address, queries[:10], thi=False)  # warm up both paths
         sequential(service.address, queries[:5], thi=True)
         for mode in args.modes:
+            service.wait_idle()
             first = last = histogram_totals(service.metrics(), STAGE_METRIC, "stage")
             for users in args.users:
                 step = run_locust(service.address, mode, users, args.step_s, out, rss)
                 result["steps"].append(step.__dict__)
                 print(f"[{name}] {step}", flush=True)
+            service.wait_idle()
             last = histogram_totals(service.metrics(), STAGE_METRIC, "stage")
             requests = sum(s["requests"] for s in result["steps"] if s["mode"] == mode)
             result["stages"][mode] = {
@@ -601,6 +620,7 @@ def run_stack(
                 "stages": {k: v.__dict__ for k, v in stage_diff(first, last).items()},
             }
         # Sequential single-user searches, then the bare parts, close together in time.
+        service.wait_idle()
         scrapes = [histogram_totals(service.metrics(), STAGE_METRIC, "stage")]
         plain, _ = sequential(service.address, seq_queries, thi=False)
         scrapes.append(histogram_totals(service.metrics(), STAGE_METRIC, "stage"))
