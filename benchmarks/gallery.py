@@ -63,21 +63,36 @@ def _worker_init() -> None:
     _model = load_checkpoint(demo_path(DEMO_WEIGHTS)).eval()
 
 
-def _image_chunk(index: int) -> np.ndarray:
-    """Embeddings of rows index*CHUNK .. +CHUNK: identity i // PER_PERSON, one render each."""
+def row_id(row: int) -> str:
+    """The image id of gallery row `row` (as `_records` names it)."""
+    return f"r{row:07d}"
+
+
+def _image_chunk(index: int, crop_dir: str | None = None) -> np.ndarray:
+    """Embeddings of rows index*CHUNK .. +CHUNK: identity i // PER_PERSON, one render each.
+
+    With `crop_dir`, each row's PNG also goes into a crop store there under its row id
+    (benchmarks/performance.py: THI shows the stored crops to the MLLM)."""
     from icl.evaluation import embed_images
     from icl.images import decode_crop, encode_png
+    from icl.orchestrator.crops import CropStore
     from icl.synthetic.render import render
     from icl.synthetic.schema import sample_person
 
     size = tuple(_model.config.image_size)
     pixels = np.empty((CHUNK, *size, 3), np.uint8)
+    pngs = []
     for k in range(CHUNK):
         row = index * CHUNK + k
         pid = row // PER_PERSON
         person = sample_person(np.random.default_rng([0, pid]), pid)
         crop = render(person, np.random.default_rng([1, row]))
-        pixels[k] = decode_crop(encode_png(crop), size)  # exactly what Enroll feeds Triton
+        png = encode_png(crop)
+        pixels[k] = decode_crop(png, size)  # exactly what Enroll feeds Triton
+        if crop_dir is not None:
+            pngs.append((row_id(row), png))
+    if crop_dir is not None:
+        CropStore(Path(crop_dir)).put_many(pngs)
     return embed_images(_model, pixels)
 
 
@@ -262,7 +277,7 @@ async def _enrol(
 def _records(vectors: np.ndarray, first: int) -> list[GalleryRecord]:
     """Rows r{first:07d}.. (ids continue across chunks, or later chunks would replace rows)."""
     return [
-        GalleryRecord(f"r{i:07d}", f"cam-{i % CAMERAS:02d}", 1_767_600_000_000 + i, "", "", v)
+        GalleryRecord(row_id(i), f"cam-{i % CAMERAS:02d}", 1_767_600_000_000 + i, "", "", v)
         for i, v in enumerate(vectors, start=first)
     ]
 
