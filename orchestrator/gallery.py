@@ -76,10 +76,10 @@ LITE_FLUSH_ROWS = 2048
 # (too_many_pings), logged by gRPC as an error, every minute or two. A loopback channel needs
 # no keepalive.
 LITE_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": 0}
-# Past about this many rows Milvus Lite's searches slow down (60 ms p50 at 100k and 0.8 s at
-# 1M, against a server's 5 and 11 ms; docs/gallery.md): the adapter says once that a server
-# is the better home.
-LITE_ADVISED_MAX_ROWS = 100_000
+# Past about this many rows Milvus Lite's exact searches slow down (about 20 ms at 10k rows and
+# 200 ms at 100k here: a Python walk and a copy of every vector per search; docs/PERFORMANCE.md):
+# the adapter says once that a server is the better home.
+LITE_ADVISED_MAX_ROWS = 10_000
 KNOWN_CAMERA_TTL_S = 30.0  # how long a camera known to have rows is not queried again
 
 SCHEMA_FIELDS = {
