@@ -819,7 +819,8 @@ def render_report(results: Mapping[str, Any], images: Mapping[str, str]) -> str:
     lines = [
         f"Measured {results['date']} in {results['duration_s'] / 60:.0f} min. Machine: "
         f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, load average {m['load_start']} "
-        f"at the start and {m.get('load_end', '?')} at the end (the machine is shared). "
+        f"at the start and {m.get('load_end', '?')} at the end (the benchmark's own processes "
+        "included). "
         f"tritonserver {m.get('tritonserver', '?')} (CPU, python backend), Milvus server "
         f"{m.get('milvus_server', '-')} (PyPI `milvus` {m['milvus']}), Milvus Lite "
         f"{m['milvus-lite']}, pymilvus {m['pymilvus']}, Locust {m['locust']}, "
