@@ -28,6 +28,7 @@ from icl.thi.engine import (
     ThiOutcome,
     ThiParams,
     ThiStep,
+    fuse,
     run_thi,
 )
 
@@ -131,21 +132,21 @@ async def thi_search(
         )
     except TimeoutError:
         outcome = ThiOutcome(fallback_reason=f"{MLLM_TIMEOUT}: limit {mllm_timeout_s:g} s")
-    if outcome.anchor is None:
-        if cache.new:
-            await in_gallery(gallery.put_vqa, cache.new, mllm.model_key)
-        return ThiSearchResult(base_hits[:top_k], outcome, candidates, True)
 
-    # The new answers are cached while the refined query is encoded (both need only them).
     async def cache_answers() -> None:
         if cache.new:
             await in_gallery(gallery.put_vqa, cache.new, mllm.model_key)
 
+    if outcome.anchor is None:
+        await cache_answers()
+        return ThiSearchResult(base_hits[:top_k], outcome, candidates, True)
+
+    # The new answers are cached while the refined query is encoded (both need only them).
     refined, _ = await asyncio.gather(encode_texts([outcome.refined_query]), cache_answers())
-    refined_vector = np.asarray(refined[0], dtype=np.float32)
+    refined_vector = np.asarray(refined[0], dtype=np.float64)
     anchor_id = ids[outcome.anchor]
-    # The anchor's fused score: its refined score is pinned to 1 (method step 5).
-    anchor_score = params.lam * scores[outcome.anchor] + (1.0 - params.lam) * 1.0
+    # The anchor's fused score, by the method's rule (its refined score pinned to 1).
+    anchor_score = float(fuse(np.array([scores[outcome.anchor]]), np.zeros(1), 0, params.lam)[0])
     anchor_hit = next((h for h in candidates if h.image_id == anchor_id), None)
     a = confirmed_anchor
     if a is not None:
@@ -155,15 +156,11 @@ async def thi_search(
                 a.image_id, a.camera_id, a.captured_at_ms, a.track_id, a.image_uri, 0.0
             )
     with stage("fusion"):
-        fused_vector = params.lam * np.asarray(query_vector, dtype=np.float64) + (
-            1.0 - params.lam
-        ) * refined_vector.astype(np.float64)
+        query = np.asarray(query_vector, dtype=np.float64)
+        fused_vector = params.lam * query + (1.0 - params.lam) * refined_vector
         norm = float(np.linalg.norm(fused_vector))
-        if norm < MIN_FUSED_NORM:  # every non-anchor image scores ~0: keep the base order
-            fused_vector, norm = np.asarray(query_vector, dtype=np.float64), 0.0
-            direction = fused_vector / np.linalg.norm(fused_vector)
-        else:
-            direction = fused_vector / norm
+        # Below MIN_FUSED_NORM every non-anchor image scores ~0: keep the base order.
+        direction, norm = (fused_vector / norm, norm) if norm >= MIN_FUSED_NORM else (query, 0.0)
         # One more than asked: the anchor may be among them and is put in at its own score.
         found: list[GalleryHit] = await in_gallery(
             gallery.search, direction.astype(np.float32), top_k + 1, where

@@ -284,23 +284,18 @@ class DemoMllm:
 
     @staticmethod
     def _cached(
-        cache: _Lru | None,
-        keys: list[Any],
-        compute: Callable[[list[int]], list[np.ndarray]],
+        cache: _Lru, keys: list[Any], compute: Callable[[list[int]], list[np.ndarray]]
     ) -> list[np.ndarray]:
         """Per attribute [N, values + 1]: rows from `cache` where known, the rest from
         `compute(indices)` (per attribute, rows in the order of `indices`)."""
-        rows: list[list[np.ndarray] | None] = [
-            cache.get(k) if cache is not None else None for k in keys
-        ]
+        rows = [cache.get(k) for k in keys]
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
             fresh = compute(missing)
             for j, i in enumerate(missing):
                 rows[i] = [p[j].copy() for p in fresh]
-                if cache is not None:
-                    cache.put(keys[i], rows[i])
-        return [np.stack([r[a] for r in rows if r is not None]) for a in range(len(rows[0] or []))]
+                cache.put(keys[i], rows[i])
+        return [np.stack([r[a] for r in rows]) for a in range(len(rows[0]))]
 
     # -- the two networks ------------------------------------------------------------------
     def image_probs(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
