@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from cpu_encoders import cpu_name  # benchmarks/ is on sys.path when run as a script
 
 from icl.data.readers import read_dataset
 from icl.models.pretrained import PretrainedWeightsError, resolve_resource, tokenizer_for
@@ -33,16 +34,6 @@ from icl.training.trainer import machine_threads, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/offline_towers_cached.toml"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> str:

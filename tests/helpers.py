@@ -173,3 +173,27 @@ def wait_until(condition, timeout_s: float, interval_s: float = 0.1) -> bool:
             return False
         time.sleep(interval_s)
     return True
+
+
+def tiny_bert(out: Path, words: Iterable[str]) -> Path:
+    """A randomly initialised 2-layer BERT (32-d) with a word-level vocabulary of `words`,
+    saved as a transformers directory: the real text-tower code path, no weights to fetch."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", *sorted(set(words))]
+    vocab_file = out / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(out)
+    # transformers 5 takes the vocabulary file as `vocab` (4.x called it `vocab_file`).
+    BertTokenizerFast(vocab=str(vocab_file)).save_pretrained(out)
+    return out

@@ -38,6 +38,7 @@ from icl.models.pretrained import (
 )
 from icl.onnx_encoders import onnx_session
 from icl.text.tokenizer import ClipTokenizer
+from tests.helpers import tiny_bert
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CAPTIONS = [
@@ -145,26 +146,8 @@ def test_mobilenetv2_model_forward_backward(mnv2_weights: Path, frozen: bool) ->
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny-bert")
-    words = sorted({w for c in CAPTIONS for w in re.findall(r"[a-z]+", c.lower())})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ".", *words]
-    vocab_file = out / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(out)
-    # transformers 5 takes the vocabulary file as `vocab` (4.x called it `vocab_file`).
-    BertTokenizerFast(vocab=str(vocab_file)).save_pretrained(out)
-    return out
+    words = {w for c in CAPTIONS for w in re.findall(r"[a-z]+", c.lower())}
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), words)
 
 
 def _text_config(bert_dir: Path, frozen: bool = False) -> ModelConfig:

@@ -48,6 +48,7 @@ from icl.training.trainer import (
     train,
     trim_padding,
 )
+from tests.helpers import tiny_bert
 
 runner = CliRunner()
 NO_AUG = {"flip": False, "pad": 0, "erasing": 0.0, "text_aug": 0.0}
@@ -82,24 +83,8 @@ def mnv2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny-bert")
-    words = sorted({w for c in CAPTIONS for w in c.split()} | {"blue", "red", "hat", "bag"})
-    vocab_file = out / "vocab.txt"
-    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=5 + len(words),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(out)
-    BertTokenizerFast(vocab=str(vocab_file)).save_pretrained(out)
-    return out
+    words = {w for c in CAPTIONS for w in c.split()} | {"blue", "red", "hat", "bag"}
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), words)
 
 
 @pytest.fixture(scope="module")
